@@ -136,6 +136,8 @@ def apply_olora(model: torch.nn.Module, config: OLoRAPlusConfig | None = None) -
     """
     config = config or OLoRAPlusConfig()
     targets = config.target_modules or default_target_modules(model)
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]  # PEFT reads a plain string as a full-name regex
     _check_targets(model, targets, config.rank)
     lora_config = LoraConfig(
         r=config.rank,

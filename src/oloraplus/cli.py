@@ -46,12 +46,85 @@ def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
         p.add_argument("--target-modules", nargs="+", default=None,
                        help="module names to adapt (default: every attention and MLP Linear)")
         p.add_argument("--no-group-by-length", action="store_true", help="random batches (slower)")
+        p.add_argument("--track-dynamics", type=int, default=None, metavar="K",
+                       help="every K steps append adapter drift metrics to OUTPUT/dynamics.jsonl")
+        p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                       help="checkpoint every N steps into OUTPUT/checkpoints (needed for --resume)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the latest checkpoint in --output (same flags)")
     else:
         p.add_argument("--adapter", required=True, help="adapter folder written by 'oloraplus train'")
 
 
+# Train flags a grid command passes to all its runs; absent flags keep the preset's (or train's) value.
+_GRID_TRAIN_FLAGS: tuple[tuple[str, dict], ...] = (
+    ("--data", {"help": "Alpaca .json/.jsonl file or hub dataset id"}),
+    ("--n-train", {"type": int}), ("--n-eval", {"type": int}), ("--data-seed", {"type": int}),
+    ("--max-length", {"type": int}), ("--max-new-tokens", {"type": int}),
+    ("--metrics-mode", {"choices": ["generation", "teacher-forced"]}),
+    ("--precision", {"choices": ["auto", "bf16", "fp32"]}),
+    ("--eval-batch-size", {"type": int}), ("--generation-batch-size", {"type": int}),
+    ("--rank", {"type": int}), ("--alpha", {"type": float}), ("--dropout", {"type": float}),
+    ("--lr", {"type": float, "help": "lr_A; lr_B = ratio * lr_A"}), ("--weight-decay", {"type": float}),
+    ("--epochs", {"type": float}), ("--batch-size", {"type": int}), ("--max-steps", {"type": int}),
+    ("--target-modules", {"nargs": "+"}),
+)
+
+
+def _add_grid_commands(sub) -> None:
+    """``reproduce``, ``sweep`` and ``report``: the experiment grid and its report."""
+    reproduce = sub.add_parser("reproduce", help="run the paper's comparison grid (resumable) and write the report")
+    reproduce.add_argument("--preset", choices=["quick", "local", "paper"], required=True,
+                           help="quick: smollm2-135m, 200/100 records; local: smollm2-135m + gemma3-270m, "
+                                "1000/500; paper: tinyllama-1.1b, opt-1.3b, gemma-2b, 1000/500")
+    reproduce.add_argument("--models", nargs="+", default=None, help="replace the preset's models")
+    reproduce.add_argument("--output", default=None, help="grid folder (default runs/<preset>)")
+    sweep = sub.add_parser("sweep", help="run any models x methods x ratios x seeds grid (resumable)")
+    sweep.add_argument("--models", nargs="+", required=True)
+    sweep.add_argument("--methods", nargs="+", default=["olora", "olora-plus"],
+                       choices=["lora", "olora", "lora-plus", "olora-plus"],
+                       help="-plus methods get one run per ratio; ratio 1 means the single-rate method")
+    sweep.add_argument("--output", required=True, help="grid folder")
+    for p in (reproduce, sweep):
+        p.add_argument("--ratios", nargs="+", default=None,
+                       help="lambda values beside the baseline, e.g. 1/16 16 (default) or 0.25 4")
+        p.add_argument("--seeds", type=int, default=3 if p is sweep else None, help="seeds 0..N-1 (default 3)")
+        group = p.add_argument_group("train flags (same meaning as in 'oloraplus train')")
+        for flag, kwargs in _GRID_TRAIN_FLAGS:
+            group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+        group.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                           default=argparse.SUPPRESS, help="random batches (slower)")
+        group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                           help="no progress bars")
+    report = sub.add_parser("report", help="tables and figures from a grid folder's runs.jsonl")
+    report.add_argument("dir", metavar="DIR", help="grid folder (or its runs.jsonl)")
+    report.add_argument("--output", default=None, help="where to write the report (default DIR)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error: ...`` line like every other user error.
+
+    argparse prints the usage and exits on its own; raising :class:`UserError` instead lets
+    ``main`` report it the same way as a bad file or value (``--help`` is unaffected).
+    """
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_export_command(sub) -> None:
+    export = sub.add_parser("export", help="turn a trained adapter into a standard LoRA adapter or a merged model")
+    export.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    export.add_argument("--adapter", required=True, help="adapter folder written by 'oloraplus train' (RUN/adapter)")
+    export.add_argument("--to", required=True, choices=["lora", "merged"],
+                        help="lora: an init-independent LoRA adapter for the untouched base model; "
+                             "merged: a full checkpoint with the update merged in")
+    export.add_argument("--output", required=True, help="folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oloraplus", description="OLoRA+ fine-tuning and the OLoRA+ reproduction")
+    parser = _Parser(prog="oloraplus", description="OLoRA+ fine-tuning and the OLoRA+ reproduction")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_flags(sub.add_parser("train", help="fine-tune with OLoRA+ and evaluate"), train=True)
     _add_run_flags(sub.add_parser("evaluate", help="re-evaluate a saved adapter"), train=False)
@@ -59,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser("list", help="the model registry")
     pull = models.add_parser("pull", help="download/convert a model now")
     pull.add_argument("name")
+    analyze = sub.add_parser("analyze", help="measure how far trained adapters moved from their start")
+    analyze.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by 'oloraplus train'")
+    analyze.add_argument("--output", required=True, help="folder for analysis.json and plots")
+    _add_grid_commands(sub)
+    _add_export_command(sub)
+    bench = sub.add_parser("bench", help="speed of our stack vs the paper's (plain Trainer + PEFT), side by side")
+    bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records (under 10 minutes)")
+    bench.add_argument("--model", nargs="+", default=None, help="models (default: smollm2-135m, plus gemma3-270m unless --quick)")
+    bench.add_argument("--data", default="../shared/data/alpaca/alpaca_data.json")
+    bench.add_argument("--output", required=True, help="JSON file to write")
     return parser
 
 
@@ -77,7 +160,8 @@ def _config_from_args(args, train: bool):
             method=args.method, ratio=args.ratio, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
             lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
             seed=args.seed, max_steps=args.max_steps, target_modules=args.target_modules,
-            group_by_length=not args.no_group_by_length,
+            group_by_length=not args.no_group_by_length, track_dynamics=args.track_dynamics,
+            save_steps=args.save_steps, resume=args.resume,
         )
     return TrainConfig(**fields)
 
@@ -92,14 +176,48 @@ def _print_metrics(results: dict, output: str) -> None:
     print(f"wrote {os.path.join(output, 'results.json')}")
 
 
+def _grid_command(args) -> int:
+    """Hand a parsed reproduce/sweep/report command to experiments.py / report.py."""
+    if args.command == "report":
+        from .report import build_report
+
+        source = args.dir
+        output = args.output or (source if os.path.isdir(source) else os.path.dirname(source) or ".")
+        files = build_report(source, output)
+        for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio):
+            if path is not None:
+                print(f"wrote {path}")
+        return 0
+    from .experiments import TRAIN_FLAGS, GridSpec, parse_ratio, preset_grid, run_and_report
+
+    flags = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
+    ratios = [parse_ratio(r) for r in args.ratios] if args.ratios else None
+    if args.command == "reproduce":
+        grid = preset_grid(args.preset, args.models, ratios, args.seeds, **flags)
+        output = args.output or os.path.join("runs", args.preset)
+    else:
+        grid = GridSpec(models=args.models, methods=args.methods, seeds=args.seeds, flags=flags,
+                        **({"ratios": ratios} if ratios else {}))
+        output = args.output
+    return 0 if run_and_report(grid.expand(), output).ok else 1
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # also transformers' "Loading weights" bars on stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.command in ("reproduce", "sweep", "report"):
+        return _grid_command(args)
     if args.command == "train":
         from .train import train
 
         config = _config_from_args(args, train=True)
         config.validate()  # before any model is loaded
-        _print_metrics(train(config), args.output)
+        results = train(config)
+        if results:  # empty on the non-main processes of a torchrun launch
+            _print_metrics(results, args.output)
     elif args.command == "evaluate":
         from .train import evaluate_adapter
 
@@ -113,6 +231,20 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"{row['name']:16} {ready:14} {row['source']:55} {row['description']}")
         else:
             print(pull_model(args.name))
+    elif args.command == "export":
+        from .export import export_adapter
+
+        print(f"wrote {export_adapter(args.model, args.adapter, args.to, args.output, args.overwrite)}")
+    elif args.command == "analyze":
+        from .analysis import analyze_runs, summary_lines
+
+        print("\n".join(summary_lines(analyze_runs(args.runs, args.output))))
+        print(f"wrote {os.path.join(args.output, 'analysis.json')}")
+    elif args.command == "bench":
+        from .bench import run_bench
+
+        models = args.model or (["smollm2-135m"] if args.quick else ["smollm2-135m", "gemma3-270m"])
+        run_bench(models, args.quick, args.output, args.data)
     return 0
 
 

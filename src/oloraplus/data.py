@@ -52,12 +52,14 @@ def validate_records(records, where: str) -> list[dict]:
         if not isinstance(rec, dict):
             raise UserError(f"{where}: record {i} is a {type(rec).__name__}, not an object")
         for key in FIELDS:
-            value = rec.get(key, "" if key == "input" else None)
+            value = rec.get(key)
+            if key == "input" and value is None:
+                continue  # optional: a missing or null input means "no input"
             if value is None:
-                raise UserError(f"{where}: record {i} has no '{key}' field")
+                raise UserError(f"{where}: record {i} has no '{key}' field (or it is null)")
             if not isinstance(value, str):
                 raise UserError(f"{where}: record {i} field '{key}' is a {type(value).__name__}, not a string")
-        clean.append({key: rec.get(key, "") for key in FIELDS})
+        clean.append({key: rec.get(key) or "" for key in FIELDS})
     return clean
 
 

@@ -45,3 +45,30 @@ def autocast(precision: str, device: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
+    """Make a (PEFT-wrapped) model fast for the resolved precision, without changing its function.
+
+    Under bf16 the frozen base weights are stored in bf16 (autocast would otherwise cast every
+    fp32 weight to bf16 again on every forward pass: frozen weights are not in its cache), and
+    PEFT's cast of each adapter's input to fp32 is switched off (autocast runs the adapter
+    matmuls in bf16 anyway; the adapter weights and their optimiser state stay fp32). This is
+    done after the OLoRA init, so W - s*B*A is computed in fp32 and rounded once.
+    On CPU, attention uses the eager implementation: measured faster than SDPA's CPU kernels
+    for Alpaca-length sequences in training (bench/NOTES.md).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if precision == "bf16":
+        for name, param in model.named_parameters():
+            if "lora_" not in name and not param.requires_grad and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    if device == "cpu":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "set_attn_implementation"):
+            base.set_attn_implementation("eager")
+    return model

@@ -21,12 +21,13 @@ from torch.utils.data import Dataset
 
 from .adapters import OLoRAPlusConfig, apply_olora
 from .data import Example, load_records, split_records, tokenize_records
+from .distributed import gather_objects, is_main_process, local_device, per_device_batch_size, world_size
 from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .runtime import autocast, default_device, resolve_precision
-from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+from .runtime import autocast, default_device, prepare_for_compute, resolve_precision
+from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
 METHODS = {  # method -> (init, takes a ratio)
     "lora": ("lora", False),
@@ -67,6 +68,9 @@ class TrainConfig:
     head_on_labels_only: bool = True
     overwrite: bool = False
     progress: bool = True
+    track_dynamics: int | None = None  # every K steps append adapter metrics to dynamics.jsonl
+    save_steps: int | None = None  # checkpoint every N steps into OUTPUT/checkpoints (for --resume)
+    resume: bool = False  # continue from the latest checkpoint in OUTPUT
     target_modules: list[str] | None = field(default=None)
 
     def validate(self) -> None:
@@ -89,6 +93,13 @@ class TrainConfig:
             check_positive("ratio", self.ratio)
         if self.max_steps is not None:
             check_positive("max-steps", self.max_steps, integer=True)
+        if self.track_dynamics is not None:
+            check_positive("track-dynamics", self.track_dynamics, integer=True)
+        if self.save_steps is not None:
+            check_positive("save-steps", self.save_steps, integer=True)
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --output and --overwrite deletes it; pass only one")
+        per_device_batch_size(self.batch_size)  # --batch-size is the global batch under torchrun
         if self.metrics_mode not in METRIC_MODES:
             raise UserError(f"unknown metrics mode '{self.metrics_mode}': choose {' or '.join(METRIC_MODES)}")
 
@@ -154,6 +165,56 @@ def prepare_output(output: str, overwrite: bool, resume: bool = False) -> Path:
     return out
 
 
+CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/checkpoint-N, written by the Trainer
+RUN_CONFIG = "run_config.json"  # OUTPUT/checkpoints/run_config.json: the flags the checkpoints belong to
+# Flags that do not change the training trajectory: a resumed run may change them.
+_RESUME_FREE = {"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
+                "eval_batch_size", "generation_batch_size"}
+
+
+def resume_checkpoint(config: TrainConfig) -> str | None:
+    """The checkpoint ``--resume`` continues from (None without --resume).
+
+    The newest checkpoint whose ``trainer_state.json`` (the Trainer writes it last) is readable:
+    a process killed while saving leaves a folder without it, which is skipped. Read-only, so
+    every process of a distributed run can call it.
+    """
+    if not config.resume:
+        return None
+    out = Path(config.output)
+    if (out / "results.json").exists():
+        raise UserError(f"the run in {out} is already complete (results.json exists); use --overwrite to redo it")
+    folder = out / CHECKPOINTS
+    steps = []
+    if folder.is_dir():
+        steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    for step in sorted(steps, reverse=True):
+        try:
+            state = json.loads((folder / f"checkpoint-{step}" / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if state.get("global_step") == step:
+            _check_same_run(folder / RUN_CONFIG, config)
+            return str(folder / f"checkpoint-{step}")
+    raise UserError(
+        f"--resume: no complete checkpoint in {folder} (runs write them with --save-steps N); "
+        "start the run again with --overwrite"
+    )
+
+
+def _check_same_run(path: Path, config: TrainConfig) -> None:
+    """Refuse to continue a checkpoint with flags that would change how it trains."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no record of the flags: trust the user
+    now = asdict(config)
+    differ = sorted(k for k in now if k in stored and k not in _RESUME_FREE and stored[k] != now[k])
+    if differ:
+        detail = ", ".join(f"{k}: {stored[k]!r} there, {now[k]!r} now" for k in differ)
+        raise UserError(f"--resume with other flags than the interrupted run ({detail}); use the same flags")
+
+
 def load_split(config: TrainConfig):
     source = load_records(config.data)
     return split_records(source, config.n_train, config.n_eval, config.data_seed)
@@ -164,11 +225,15 @@ def train(config: TrainConfig) -> dict:
     from transformers import set_seed
 
     config.validate()
-    out = prepare_output(config.output, config.overwrite)
+    resume_from = resume_checkpoint(config)
+    # Only the main process creates or clears the folder (the others would race it).
+    out = prepare_output(config.output, config.overwrite, config.resume) if is_main_process() else Path(config.output)
+    if config.save_steps and not resume_from and is_main_process():
+        write_json_atomic(out / CHECKPOINTS / RUN_CONFIG, asdict(config))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     split = load_split(config)
-    device = default_device()
+    device = local_device(default_device())
     precision = resolve_precision(config.precision, device)
     model, tokenizer = load_model(config.model, device=device)
     train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
@@ -179,13 +244,21 @@ def train(config: TrainConfig) -> dict:
     t = time.perf_counter()
     model = apply_olora(model, config.adapter_config())
     timings["init"] = time.perf_counter() - t
+    prepare_for_compute(model, precision, device)
 
     trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
+    if config.track_dynamics:
+        from .analysis import attach_dynamics
+
+        attach_dynamics(trainer, config.track_dynamics, out / "dynamics.jsonl")
     t = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     timings["train"] = time.perf_counter() - t
     steps = trainer.state.global_step
     trained_tokens = _tokens_seen(train_examples, steps, config)
+    rank_groups = gather_objects(optimizer_groups(trainer.optimizer))  # every rank's LoRA+ groups
+    if not is_main_process():
+        return {}  # under torchrun, rank 0 alone evaluates and writes the run folder
 
     metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
     timings["eval_loss"] = details.pop("eval_loss_seconds")
@@ -211,6 +284,10 @@ def train(config: TrainConfig) -> dict:
             "log": [row for row in trainer.state.log_history if "loss" in row],
             "lr_schedule": "linear decay, no warmup (Trainer default)",
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "processes": world_size(),
+            "per_device_batch_size": per_device_batch_size(config.batch_size),
+            "optimizer_groups_per_rank": rank_groups,
+            "resumed_from": resume_from,  # train_loss then averages the resumed steps only
         },
         "timings_seconds": timings,
         "versions": library_versions(),
@@ -229,7 +306,7 @@ def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> in
 def build_trainer(config, model, tokenizer, examples, out: Path, precision: str, device: str) -> OLoRAPlusTrainer:
     args = OLoRAPlusTrainingArguments(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=per_device_batch_size(config.batch_size),  # --batch-size is global
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.lr,
@@ -240,7 +317,11 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        save_strategy="no",
+        # Checkpoints hold the adapter, optimizer (with its lr groups), scheduler, RNG states and
+        # the data position; the last two are kept.
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         logging_steps=10,
         remove_unused_columns=False,
@@ -290,6 +371,7 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as exc:
         raise UserError(f"cannot load adapter {adapter_dir} on model '{config.model}': {exc}") from exc
+    prepare_for_compute(model, precision, device)
     metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     results = {

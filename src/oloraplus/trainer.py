@@ -12,12 +12,15 @@ Two lines in your own Trainer/TRL code::
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import check_positive
+from .errors import UserError, check_positive
 from .evaluation import response_loss
 from .optim import create_optimizer
 
@@ -41,6 +44,9 @@ class OLoRAPlusTrainer(Trainer):
         self.head_on_labels_only = head_on_labels_only
         if head_on_labels_only:
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        kill_at = os.environ.get(KILL_AT_STEP_ENV)
+        if kill_at:
+            self.add_callback(_KillAtStep(int(kill_at)))
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -54,6 +60,31 @@ class OLoRAPlusTrainer(Trainer):
             )
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One forward/backward; stop at once on a NaN or infinite loss.
+
+        The Trainer would otherwise silently replace such a loss in its log
+        (``logging_nan_inf_filter``) and go on training a model it has already ruined, and
+        then save it as the next checkpoint. The check runs before the optimiser step, so the
+        weights and the last checkpoint are still the last good ones. It costs no extra device
+        sync: the Trainer tests the same loss for NaN right after this returns.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(self._non_finite_message(float(loss.detach().float().mean())))
+        return loss
+
+    def _non_finite_message(self, value: float) -> str:
+        step = self.state.global_step + 1
+        last = None
+        if os.path.isdir(self.args.output_dir):
+            last = get_last_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was saved"
+        return (
+            f"training loss is {value} at step {step}: training stopped; lower --lr or --ratio "
+            f"(or use --precision fp32); {kept}"
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.head_on_labels_only or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -65,3 +96,38 @@ class OLoRAPlusTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus ``ratio`` (lambda), for scripts configured by arguments."""
 
     ratio: float = field(default=1.0, metadata={"help": "lambda = lr_B / lr_A"})
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN or infinite (the message names the step)."""
+
+
+# Test-only fault injection, for proving that ``--resume`` continues exactly after a crash:
+# with OLORAPLUS_TEST_KILL_AT_STEP=N the process SIGKILLs itself at the end of optimiser
+# step N (before that step's checkpoint, if any, is written), as an out-of-memory kill or a
+# pre-empted node would. Unset (always, outside tests) it does nothing.
+KILL_AT_STEP_ENV = "OLORAPLUS_TEST_KILL_AT_STEP"
+
+
+class _KillAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """Each named parameter group's starting learning rate and size (for results.json).
+
+    ``initial_lr`` is the rate before the scheduler's decay, so lr_B / lr_A reads the ratio
+    at any step, also after a resume.
+    """
+    return {
+        group.get("name", str(i)): {
+            "lr": group.get("initial_lr", group["lr"]),
+            "parameters": sum(p.numel() for p in group["params"]),
+        }
+        for i, group in enumerate(optimizer.param_groups)
+    }

@@ -1,0 +1,384 @@
+"""``oloraplus bench``: our training and evaluation stack against the paper's, side by side.
+
+The reference is what the paper describes: a plain ``transformers.Trainer`` with Trainer
+defaults (fp32, random batches padded to the longest, loss over the full vocabulary at every
+position), PEFT's ``init_lora_weights="olora"`` and ``peft.optimizers.create_loraplus_optimizer``.
+Ours is exactly what ``oloraplus train`` runs. Both see the same records (issue 2's split) with
+the same seed and batch size. Each training runs in its own child process so that each peak
+RSS is its own; the children run one after another inside one ``bench`` invocation.
+
+Reported (printed as a table and written as JSON):
+- ``train``: useful (non-pad) tokens/s and peak RSS of both, ``speedup`` = ours / reference,
+  and both eval losses (same fp32 eval code for both) after the same records;
+- ``olora_plus_overhead``: our step time at ratio 16 over ratio 1, steps interleaved;
+- ``init``: whole-model OLoRA init time, ours vs PEFT's;
+- ``generation``: new tokens/s of our batched greedy generation vs a one-prompt-at-a-time
+  ``model.generate`` loop in the same precision, and the share of identical outputs;
+  ``eval_loss_tokens_per_second`` of our eval-loss pass;
+- ``roofline_fraction``: our useful training FLOP/s (counted with torch's FlopCounterMode on
+  unpadded sequences: the body at every token, the LM head where a response token is
+  predicted) over the bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    data: str = "../shared/data/alpaca/alpaca_data.json"
+    n_train: int = 256
+    n_eval: int = 64
+    batch_size: int = 8
+    ratio: float = 0.25
+    seed: int = 0
+    data_seed: int = 42
+    max_length: int = 512
+    reference_orders: int = 3  # data orders (seeds) for the reference's eval-loss spread
+    generation_prompts: int = 32
+    max_new_tokens: int = 64
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _split_examples(cfg: BenchConfig, tokenizer):
+    from .data import load_records, split_records, tokenize_records
+
+    split = split_records(load_records(cfg.data), cfg.n_train, cfg.n_eval, cfg.data_seed)
+    train, _ = tokenize_records(split.train, tokenizer, cfg.max_length)
+    evals, _ = tokenize_records(split.eval, tokenizer, cfg.max_length)
+    return split, train, evals
+
+
+def _fp32_eval_loss(model, examples, pad_id) -> float:
+    """The same eval-loss code for both stacks, in fp32, whatever they trained in."""
+    from .evaluation import eval_loss
+
+    saved = {n: p.dtype for n, p in model.named_parameters()}
+    model.float()
+    loss = eval_loss(model, examples, pad_id, batch_size=8, progress=False)["eval_loss"]
+    for n, p in model.named_parameters():
+        p.data = p.data.to(saved[n])
+    return loss
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_reference(cfg: BenchConfig, seed: int) -> dict:
+    """Plain Trainer + PEFT OLoRA + PEFT's LoRA+ optimiser, Trainer defaults."""
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .adapters import default_target_modules
+    from .models import load_model
+    from .train import ExampleDataset, _Collator
+
+    model, tokenizer = load_model(cfg.model)
+    _, train, evals = _split_examples(cfg, tokenizer)
+    set_seed(seed)
+    config = LoraConfig(r=32, lora_alpha=16, target_modules=default_target_modules(model),
+                        init_lora_weights="olora", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=3e-4, loraplus_lr_ratio=cfg.ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+                                 learning_rate=3e-4, seed=seed, use_cpu=True, report_to=[], save_strategy="no",
+                                 remove_unused_columns=False, disable_tqdm=True, logging_strategy="no")
+        trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(train),
+                          data_collator=_Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
+        t = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t
+    tokens = sum(len(e.input_ids) for e in train)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "eval_loss": _fp32_eval_loss(model, evals, tokenizer.pad_token_id), "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_ours(cfg: BenchConfig) -> dict:
+    """``oloraplus train``'s pipeline, then the overhead, generation and FLOP measurements."""
+    from transformers import set_seed
+
+    from .adapters import apply_olora
+    from .models import load_model
+    from .runtime import autocast, default_device, prepare_for_compute, resolve_precision
+    from .train import TrainConfig, build_trainer
+
+    tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
+                     n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed, batch_size=cfg.batch_size,
+                     progress=False)
+    device = default_device()
+    precision = resolve_precision(tc.precision, device)
+    model, tokenizer = load_model(cfg.model)
+    _, train, evals = _split_examples(cfg, tokenizer)
+    set_seed(cfg.seed)
+    model = apply_olora(model, tc.adapter_config())
+    prepare_for_compute(model, precision, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(tc, model, tokenizer, train, Path(tmp), precision, device)
+        t = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t
+    tokens = sum(len(e.input_ids) for e in train)
+    result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+              "precision": precision, "peak_rss_mb": _peak_rss_mb()}
+    result["eval_loss"] = _fp32_eval_loss(model, evals, tokenizer.pad_token_id)
+    with autocast(precision, device):
+        result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
+        result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
+        result["generation"] = _generation(model, tokenizer, evals, cfg)
+        result["eval_pass"] = _eval_pass(model, evals, tokenizer.pad_token_id)
+    return result
+
+
+def _overhead(model, examples, pad_id, cfg: BenchConfig, steps: int = 6) -> dict:
+    """Step time with ratio 16 vs ratio 1 on the same batches, interleaved step by step."""
+    from .evaluation import collate, response_loss
+    from .optim import create_optimizer
+
+    model.train()
+    starts = [(k * cfg.batch_size) % max(1, len(examples) - cfg.batch_size + 1) for k in range(steps)]
+    batches = [collate(examples[i : i + cfg.batch_size], pad_id) for i in starts]
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    times = {1.0: [], 16.0: []}
+    optimizers = {r: create_optimizer(model, lr=3e-4, ratio=r) for r in times}
+    for batch in batches:
+        for ratio, opt in optimizers.items():
+            t = time.perf_counter()
+            loss = response_loss(model, **batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[ratio].append(time.perf_counter() - t)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+    median = {r: statistics.median(v[1:]) for r, v in times.items()}
+    return {"step_seconds_ratio1": median[1.0], "step_seconds_ratio16": median[16.0],
+            "olora_plus_overhead": median[16.0] / median[1.0]}
+
+
+def _useful_flops_per_token(model, examples) -> float:
+    """FLOPs of forward+backward per useful token, counted on unpadded single sequences."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .evaluation import collate, response_loss
+
+    model.train()
+    total_flops, total_tokens = 0, 0
+    for e in examples:
+        batch = collate([e], 0)
+        with FlopCounterMode(display=False) as counter:
+            response_loss(model, **batch).backward()
+        model.zero_grad(set_to_none=True)
+        total_flops += counter.get_total_flops()
+        total_tokens += len(e.input_ids)
+    return total_flops / total_tokens
+
+
+def _generation(model, tokenizer, examples, cfg: BenchConfig) -> dict:
+    from .evaluation import _eos_ids, _until_eos, generate_responses
+
+    prompts = [e.input_ids[: e.prompt_len] for e in examples[: cfg.generation_prompts]]
+    t = time.perf_counter()
+    ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, progress=False)
+    ours_seconds = time.perf_counter() - t
+    eos = _eos_ids(model, tokenizer)
+    loop, loop_tokens = [], 0
+    t = time.perf_counter()
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            tokens = _until_eos(out[0, len(p):].tolist(), eos)
+            loop_tokens += len(tokens)
+            loop.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    loop_seconds = time.perf_counter() - t
+    same = sum(a == b for a, b in zip(ours, loop)) / len(prompts)
+    return {"ours_tokens_per_second": ours_tokens / ours_seconds, "loop_tokens_per_second": loop_tokens / loop_seconds,
+            "speedup": (ours_tokens / ours_seconds) / (loop_tokens / loop_seconds), "identical_share": same,
+            "prompts": len(prompts), "ours_new_tokens": ours_tokens, "loop_new_tokens": loop_tokens}
+
+
+def _eval_pass(model, examples, pad_id) -> dict:
+    from .evaluation import eval_loss
+
+    t = time.perf_counter()
+    out = eval_loss(model, examples, pad_id, batch_size=8, progress=False)
+    seconds = time.perf_counter() - t
+    tokens = sum(len(e.input_ids) for e in examples)
+    return {"tokens_per_second": tokens / seconds, "seconds": seconds}
+
+
+def child_init(cfg: BenchConfig, repeats: int = 3) -> dict:
+    """Whole-model OLoRA init: ours (QR of W's first r columns) vs PEFT's (full QR)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .adapters import OLoRAPlusConfig, apply_olora, default_target_modules
+    from .models import load_model
+
+    base, _ = load_model(cfg.model)
+    times = {"ours": [], "peft": []}
+    for _ in range(repeats):
+        m = copy.deepcopy(base)
+        t = time.perf_counter()
+        apply_olora(m, OLoRAPlusConfig())
+        times["ours"].append(time.perf_counter() - t)
+        m = copy.deepcopy(base)
+        t = time.perf_counter()
+        get_peft_model(m, LoraConfig(r=32, lora_alpha=16, target_modules=default_target_modules(m),
+                                     init_lora_weights="olora", task_type="CAUSAL_LM"))
+        times["peft"].append(time.perf_counter() - t)
+    ours, peft = statistics.median(times["ours"]), statistics.median(times["peft"])
+    return {"ours_seconds": ours, "peft_seconds": peft, "speedup": peft / ours}
+
+
+def child_peak() -> dict:
+    """Best bf16 and fp32 matmul throughput of this machine, all threads."""
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        n = 2048
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(10))
+        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+CHILDREN = {"reference": child_reference, "ours": child_ours, "init": child_init, "peak": child_peak}
+
+
+def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
+    """Run one measurement in a fresh interpreter; its peak RSS is its own."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    payload = json.dumps({"kind": kind, "config": asdict(cfg), "kwargs": kwargs, "out": out_path})
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "oloraplus.bench", payload], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child '{kind}' failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(Path(out_path).read_text())
+    os.unlink(out_path)
+    return result
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def machine() -> dict:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model_name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
+    return {"cpu": model_name or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def run_bench(models: list[str], quick: bool, output: str, data: str) -> dict:
+    from .train import library_versions
+
+    results = {"machine": machine(), "versions": library_versions(), "quick": quick, "models": {}}
+    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores", flush=True)
+    peak = _run_child("peak", BenchConfig())
+    results["peak"] = peak
+    print(f"bf16 matmul peak {peak['bf16_gflops']:.0f} GFLOP/s, fp32 {peak['fp32_gflops']:.0f} GFLOP/s", flush=True)
+    for name in models:
+        cfg = BenchConfig(model=name, data=data, n_train=128 if quick else 256, n_eval=32 if quick else 64,
+                          reference_orders=1 if quick else 3, generation_prompts=16 if quick else 32)
+        print(f"[{name}] init ...", flush=True)
+        init = _run_child("init", cfg)
+        print(f"[{name}] ours: training {cfg.n_train} records ...", flush=True)
+        ours = _run_child("ours", cfg)
+        refs = []
+        for k in range(cfg.reference_orders):
+            print(f"[{name}] reference (data order {k}): training {cfg.n_train} records ...", flush=True)
+            refs.append(_run_child("reference", cfg, seed=cfg.seed + k))
+        ref = refs[0]
+        ref_losses = [r["eval_loss"] for r in refs]
+        flops = ours["flops_per_token"] * ours["tokens_per_second"]
+        results["models"][name] = {
+            "config": asdict(cfg),
+            "train": {
+                "reference_tokens_per_second": ref["tokens_per_second"],
+                "ours_tokens_per_second": ours["tokens_per_second"],
+                "speedup": ours["tokens_per_second"] / ref["tokens_per_second"],
+                "reference_peak_rss_mb": ref["peak_rss_mb"], "ours_peak_rss_mb": ours["peak_rss_mb"],
+                "reference_eval_loss": ref["eval_loss"], "ours_eval_loss": ours["eval_loss"],
+                "eval_loss_rel_diff": abs(ours["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"],
+                "reference_eval_loss_orders": ref_losses,
+                "reference_eval_loss_spread": (max(ref_losses) - min(ref_losses)) / statistics.mean(ref_losses),
+                "ours_precision": ours["precision"],
+            },
+            "olora_plus_overhead": ours["overhead"]["olora_plus_overhead"],
+            "overhead": ours["overhead"],
+            "init": init,
+            "generation": ours["generation"],
+            "eval_loss_tokens_per_second": ours["eval_pass"]["tokens_per_second"],
+            "useful_flops_per_token": ours["flops_per_token"],
+            "useful_gflops": flops / 1e9,
+            "roofline_fraction": flops / (peak["bf16_gflops"] * 1e9),
+        }
+        print_table({name: results["models"][name]})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    from .files import write_json_atomic
+
+    write_json_atomic(output, results)
+    print(f"wrote {output}")
+    return results
+
+
+def print_table(models: dict) -> None:
+    for name, r in models.items():
+        t, g = r["train"], r["generation"]
+        rows = [
+            ("train tokens/s (useful)", f"{t['reference_tokens_per_second']:.0f}", f"{t['ours_tokens_per_second']:.0f}", f"{t['speedup']:.2f}x"),
+            ("train peak RSS MB", f"{t['reference_peak_rss_mb']:.0f}", f"{t['ours_peak_rss_mb']:.0f}", ""),
+            ("eval loss after training", f"{t['reference_eval_loss']:.4f}", f"{t['ours_eval_loss']:.4f}", f"{100 * t['eval_loss_rel_diff']:.2f}% apart"),
+            ("OLoRA init s", f"{r['init']['peft_seconds']:.2f}", f"{r['init']['ours_seconds']:.2f}", f"{r['init']['speedup']:.2f}x"),
+            ("generation new tokens/s", f"{g['loop_tokens_per_second']:.1f}", f"{g['ours_tokens_per_second']:.1f}", f"{g['speedup']:.2f}x, {100 * g['identical_share']:.0f}% identical"),
+            ("eval-loss pass tokens/s", "", f"{r['eval_loss_tokens_per_second']:.0f}", ""),
+            ("OLoRA+ (16) / OLoRA (1) step", "", f"{r['olora_plus_overhead']:.3f}", ""),
+            ("roofline fraction (bf16)", "", f"{r['roofline_fraction']:.3f}", f"{r['useful_gflops']:.0f} GFLOP/s"),
+        ]
+        print(f"\n{name}")
+        print(f"{'measure':32} {'reference':>12} {'ours':>12}  ratio")
+        for row in rows:
+            print(f"{row[0]:32} {row[1]:>12} {row[2]:>12}  {row[3]}")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    payload = json.loads(sys.argv[1])
+    cfg = BenchConfig(**payload["config"])
+    kind = payload["kind"]
+    result = CHILDREN[kind]() if kind == "peak" else CHILDREN[kind](cfg, **payload["kwargs"])
+    Path(payload["out"]).write_text(json.dumps(result))

@@ -1,0 +1,76 @@
+"""Data-parallel runs: which process this is, and how ``--batch-size`` splits across processes.
+
+``torchrun`` and ``accelerate launch`` start one process per device and tell each one its place
+through the environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``). The Hugging Face Trainer
+reads the same variables and wraps the model in DDP by itself (gloo on CPU, NCCL on CUDA), so
+``oloraplus train`` only has to decide three things, all here:
+
+- ``--batch-size`` is the GLOBAL batch: each process takes ``batch_size / world_size`` examples
+  per step, so a run on 1 or N processes takes the same optimiser steps on the same batches and
+  its results stay comparable (it must divide evenly: checked before anything is loaded);
+- only the main process (rank 0) writes the run folder (adapter, predictions, results.json) and
+  runs the evaluation; the other ranks stop after training;
+- each process uses its own GPU (``cuda:LOCAL_RANK``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import UserError
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def world_size() -> int:
+    """Number of processes in this run (1 without torchrun / accelerate launch)."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def rank() -> int:
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def per_device_batch_size(batch_size: int, processes: int | None = None) -> int:
+    """The share of the global ``batch_size`` each process takes per optimiser step."""
+    processes = processes or world_size()
+    if batch_size % processes:
+        raise UserError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly across {processes} "
+            f"processes; use a multiple of {processes}"
+        )
+    return batch_size // processes
+
+
+def local_device(device: str) -> str:
+    """``cuda`` becomes this process's GPU under torchrun; other devices are unchanged."""
+    if device == "cuda" and world_size() > 1:
+        return f"cuda:{local_rank()}"
+    return device
+
+
+def gather_objects(obj) -> list:
+    """``obj`` from every process, in rank order (``[obj]`` outside a distributed run).
+
+    A collective call: every rank must call it, at the same point.
+    """
+    import torch.distributed as dist
+
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,0 +1,393 @@
+"""The reproduction grid: which runs make up an experiment, and running them resumably.
+
+A grid is models x arms x seeds, where an *arm* is a method at one ratio lambda = lr_B / lr_A.
+The baseline arm is plain OLoRA (``method="olora"``, ratio 1); every other ratio is an
+``olora-plus`` arm. All seeds of a grid share one data split (``data_seed`` is a train flag, not
+a grid axis), so the OLoRA+ and OLoRA runs of one seed differ only in the ratio and can be
+compared pairwise (see :mod:`oloraplus.report`).
+
+Each run writes its own folder ``<output>/runs/<model>/<method>-r<ratio>-s<seed>``; a run is
+complete iff its ``results.json`` exists, because :func:`oloraplus.train.train` writes that file
+last and atomically. So an interrupted grid is resumed by running the same command again:
+complete runs are skipped, a folder without ``results.json`` is redone from scratch. After each
+complete run one line is appended (atomically) to ``<output>/runs.jsonl``, the only input the
+report needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+from .files import append_jsonl_atomic, write_text_atomic
+from .report import read_runs
+from .train import METHODS, TrainConfig, train
+
+BASELINE_METHOD = "olora"
+PLUS_METHOD = "olora-plus"
+DEFAULT_RATIOS = (1 / 16, 16.0)  # the paper writes lambda << 1 and >> 1 and gives no values
+DEFAULT_SEEDS = 3
+
+# TrainConfig fields a grid sets itself; everything else is a "train flag".
+_GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite"}
+TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
+# Flags that change speed, not results: a resumed grid may change them freely.
+_SPEED_ONLY_FLAGS = {"progress", "eval_batch_size", "generation_batch_size"}
+
+RUNS_FILE = "runs.jsonl"
+FAILURES_FILE = "failures.jsonl"
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def parse_ratio(text: str | float) -> float:
+    """``"1/16"``, ``"0.0625"`` or ``16`` -> a positive float (exact for fractions)."""
+    try:
+        value = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"ratio '{text}' is not a number; write it like 16, 0.0625 or 1/16") from None
+    if not 0 < value < float("inf"):
+        raise UserError(f"ratio '{text}' must be a positive finite number (lambda = lr_B / lr_A)")
+    return value
+
+
+def format_ratio(ratio: float) -> str:
+    """Shortest exact text of a ratio: 16 -> "16", 1/16 -> "0.0625" (also filesystem-safe)."""
+    ratio = float(ratio)
+    return str(int(ratio)) if ratio.is_integer() else repr(ratio)
+
+
+def safe_name(name: str) -> str:
+    """A model name, hub id or path as one folder name: "org/name" -> "org--name"."""
+    name = name.strip().strip("/")
+    while name.startswith("./"):
+        name = name[2:]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "--"))
+    return name.lstrip(".") or "model"
+
+
+def base_method(method: str) -> str:
+    """The single-learning-rate method an ``-plus`` method reduces to at ratio 1."""
+    return method.removesuffix("-plus")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    model: str
+    method: str
+    ratio: float
+    seed: int
+    flags: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        """Stable identity in ``runs.jsonl``: ``{model}/{method}-r{ratio}-s{seed}``."""
+        return f"{self.model}/{self.method}-r{format_ratio(self.ratio)}-s{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        """Run folder below ``<output>/runs`` (posix form)."""
+        return f"{safe_name(self.model)}/{self.method}-r{format_ratio(self.ratio)}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.method} r={format_ratio(self.ratio)} seed {self.seed}"
+
+    def config(self, run_dir: str | Path) -> TrainConfig:
+        takes_ratio = METHODS[self.method][1]
+        return TrainConfig(
+            output=str(run_dir),
+            model=self.model,
+            method=self.method,
+            ratio=self.ratio if takes_ratio else None,
+            seed=self.seed,
+            overwrite=True,  # only ever used on a folder without results.json: a crashed run
+            **self.flags,
+        )
+
+
+@dataclass
+class GridSpec:
+    """models x arms x seeds with shared train flags.
+
+    ``methods`` lists the methods to run; an ``-plus`` method gets one arm per ratio, and a
+    ratio of 1 means its single-rate base method (OLoRA), so the baseline is never duplicated.
+    """
+
+    models: Sequence[str]
+    ratios: Sequence[float] = DEFAULT_RATIOS
+    seeds: Sequence[int] | int = DEFAULT_SEEDS
+    methods: Sequence[str] = (BASELINE_METHOD, PLUS_METHOD)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def arms(self) -> list[tuple[str, float]]:
+        """(method, ratio) pairs: single-rate methods first, then ascending ratio."""
+        arms: set[tuple[str, float]] = set()
+        for method in self.methods:
+            if method not in METHODS:
+                raise UserError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
+            if not METHODS[method][1]:
+                arms.add((method, 1.0))
+                continue
+            for ratio in self.ratios:
+                ratio = parse_ratio(ratio)
+                arms.add((base_method(method), 1.0) if ratio == 1 else (method, ratio))
+        order = list(METHODS)
+        return sorted(arms, key=lambda a: (a[1] != 1.0, order.index(base_method(a[0])), a[1], a[0]))
+
+    def seed_list(self) -> list[int]:
+        if isinstance(self.seeds, int):
+            if self.seeds < 1:
+                raise UserError(f"--seeds must be at least 1, got {self.seeds}")
+            return list(range(self.seeds))
+        seeds = list(dict.fromkeys(int(s) for s in self.seeds))
+        if not seeds:
+            raise UserError("no seeds given; pass --seeds N (N >= 1)")
+        return seeds
+
+    def expand(self) -> list[RunSpec]:
+        """All runs, ordered model, then seed, then arm.
+
+        Seed-major order means an interrupted grid already holds complete paired comparisons
+        (every arm of seed 0) instead of all seeds of one arm.
+        """
+        models = list(dict.fromkeys(self.models))
+        if not models:
+            raise UserError("no models given; pass --models NAME [NAME ...]")
+        unknown = sorted(set(self.flags) - set(TRAIN_FLAGS))
+        if unknown:
+            raise UserError(f"unknown train flag(s) {', '.join(unknown)}; known: {', '.join(TRAIN_FLAGS)}")
+        arms = self.arms()
+        if not arms:
+            raise UserError("the grid is empty: give --methods and --ratios")
+        return [
+            RunSpec(model, method, ratio, seed, dict(self.flags))
+            for model in models
+            for seed in self.seed_list()
+            for method, ratio in arms
+        ]
+
+
+def expand_grid(
+    models: Sequence[str],
+    methods: Sequence[str] = (BASELINE_METHOD, PLUS_METHOD),
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    seeds: Sequence[int] | int = DEFAULT_SEEDS,
+    **train_flags: Any,
+) -> list[RunSpec]:
+    """The runs of a grid; ``seeds`` is a count (seeds 0..N-1) or a list of seeds."""
+    return GridSpec(models=models, ratios=ratios, seeds=seeds, methods=methods, flags=train_flags).expand()
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+PAPER_HPARAMS = {"rank": 32, "alpha": 16, "lr": 3e-4, "epochs": 1}  # as stated in the paper
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named grid: the models and train flags of one scale of the reproduction."""
+
+    name: str
+    description: str
+    models: tuple[str, ...]
+    flags: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("quick", "smoke test: smallest model, small data", ("smollm2-135m",),
+               {**PAPER_HPARAMS, "n_train": 200, "n_eval": 100, "max_new_tokens": 64}),
+        Preset("local", "two small models at the paper's data sizes (CPU-feasible)",
+               ("smollm2-135m", "gemma3-270m"),
+               {**PAPER_HPARAMS, "n_train": 1000, "n_eval": 500, "max_new_tokens": 128}),
+        Preset("paper", "the paper's three models (hub downloads, needs a GPU)",
+               ("tinyllama-1.1b", "opt-1.3b", "gemma-2b"),
+               {**PAPER_HPARAMS, "n_train": 1000, "n_eval": 500, "max_new_tokens": 128}),
+    ]
+}
+
+
+def preset_grid(
+    name: str,
+    models: Sequence[str] | None = None,
+    ratios: Sequence[float] | None = None,
+    seeds: Sequence[int] | int | None = None,
+    **overrides: Any,
+) -> GridSpec:
+    """The grid of a preset, with optional model/ratio/seed/train-flag overrides."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}': choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return GridSpec(
+        models=tuple(models) if models else preset.models,
+        ratios=tuple(ratios) if ratios else DEFAULT_RATIOS,
+        seeds=DEFAULT_SEEDS if seeds is None else seeds,
+        methods=(BASELINE_METHOD, PLUS_METHOD),
+        flags={**preset.flags, **overrides},
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class GridOutcome:
+    """What :func:`run_grid` did, by run key."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _load_results(path: Path) -> dict | None:
+    """A run's results.json, or None if it is missing (or unreadable: then the run is redone)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _SPEED_ONLY_FLAGS | {"output", "overwrite"}}
+
+
+def _check_existing(spec: RunSpec, results: dict) -> None:
+    """Refuse to count a finished run made with other settings as part of this grid."""
+    stored = results.get("config")
+    if not isinstance(stored, dict):
+        return
+    wanted = _comparable(asdict(spec.config("")))
+    stored = _comparable(stored)
+    differ = sorted(k for k in wanted if k in stored and stored[k] != wanted[k])
+    if differ:
+        detail = ", ".join(f"{k}: {stored[k]!r} there, {wanted[k]!r} now" for k in differ)
+        raise UserError(
+            f"run {spec.key} already finished with other settings ({detail}); "
+            "use another --output, or delete that run folder to redo it"
+        )
+
+
+def run_row(spec: RunSpec, results: dict, run_dir: str, wall_seconds: float | None = None) -> dict:
+    """The ``runs.jsonl`` line of a finished run: everything the report needs."""
+    timings = dict(results.get("timings_seconds") or {})
+    if wall_seconds is not None:
+        timings["wall"] = wall_seconds
+    mode = (results.get("evaluation") or {}).get("metrics_mode") or (results.get("config") or {}).get("metrics_mode")
+    return {
+        "key": spec.key,
+        "model": spec.model,
+        "method": spec.method,
+        "ratio": spec.ratio,
+        "seed": spec.seed,
+        "metrics": results["metrics"],
+        "metrics_mode": mode,
+        "run_dir": run_dir,
+        "flags": dict(spec.flags),
+        "timings": timings,
+    }
+
+
+def _record(runs_file: Path, row: dict, known: set[str]) -> None:
+    """Add a row, or replace the row of the same key (a run folder deleted and redone)."""
+    if row["key"] not in known:
+        append_jsonl_atomic(runs_file, row)
+        known.add(row["key"])
+        return
+    rows = [row if r.get("key") == row["key"] else r for r in read_runs(runs_file)]
+    write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def run_grid(
+    specs: Sequence[RunSpec],
+    output_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> GridOutcome:
+    """Run every spec not yet complete into ``output_dir/runs/<folder>``.
+
+    A failing run is logged, recorded in ``failures.jsonl`` and skipped; the grid goes on.
+    Ctrl-C stops the grid; the interrupted run has no results.json and is redone next time.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder")
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise UserError("the grid lists a run twice")
+    for spec in specs:  # every config checked before the first (long) run starts
+        spec.config(out).validate()
+    existing = {s.key: _load_results(out / "runs" / s.folder / "results.json") for s in specs}
+    for spec in specs:
+        if existing[spec.key] is not None:
+            _check_existing(spec, existing[spec.key])
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file, failures_file = out / RUNS_FILE, out / FAILURES_FILE
+    known = {r.get("key") for r in read_runs(runs_file)}
+    outcome = GridOutcome()
+    total = len(specs)
+    for i, spec in enumerate(specs, start=1):
+        prefix = f"[{i}/{total}] {spec.label}"
+        rel = f"runs/{spec.folder}"
+        results = existing[spec.key]
+        if results is not None:
+            if spec.key not in known:  # finished, but the process died before its line was added
+                _record(runs_file, run_row(spec, results, rel), known)
+            log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
+            outcome.skipped.append(spec.key)
+            continue
+        log(f"{prefix} ...")
+        start = time.perf_counter()
+        try:
+            results = train(spec.config(out / rel))
+        except Exception as exc:  # one broken run must not cost the rest of the grid
+            seconds = time.perf_counter() - start
+            message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+            log(f"{prefix} ... FAILED after {seconds:.0f} s: {message}")
+            append_jsonl_atomic(failures_file, {
+                "key": spec.key, "model": spec.model, "method": spec.method, "ratio": spec.ratio,
+                "seed": spec.seed, "run_dir": rel, "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(), "seconds": seconds,
+            })
+            outcome.failed.append(spec.key)
+            continue
+        seconds = time.perf_counter() - start
+        _record(runs_file, run_row(spec, results, rel, seconds), known)
+        log(f"{prefix} ... done (eval_loss {results['metrics']['eval_loss']:.4f}, {seconds:.0f} s)")
+        outcome.done.append(spec.key)
+    log(
+        f"{len(outcome.done)} run(s) done, {len(outcome.skipped)} already complete, "
+        f"{len(outcome.failed)} failed" + (f" (see {failures_file})" if outcome.failed else "")
+    )
+    return outcome
+
+
+def run_and_report(specs: Sequence[RunSpec], output_dir: str | Path, log: Callable[[str], None] = print) -> GridOutcome:
+    """Run the grid, then (re)build the report in the same folder from its ``runs.jsonl``.
+
+    The report is built even when some runs failed, so finished work is always summarised.
+    """
+    from .report import build_report
+
+    outcome = run_grid(specs, output_dir, log=log)
+    runs_file = Path(output_dir) / RUNS_FILE
+    if read_runs(runs_file):
+        files = build_report(runs_file, output_dir)
+        log(f"wrote {files.markdown}")
+    return outcome

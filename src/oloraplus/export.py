@@ -1,0 +1,206 @@
+"""``oloraplus export``: hand a trained OLoRA adapter to tools that expect plain LoRA.
+
+OLoRA starts from B_0 = Q_r, A_0 = R_r and changes the base weight to W - s*B_0*A_0. A saved
+OLoRA adapter therefore only works on a base that PEFT first mutates the same way (it re-runs
+the init when it loads an adapter whose config says ``init_lora_weights="olora"``), and two
+such adapters cannot share one base. The fine-tuned weight is
+
+    W + s * (B_T A_T - B_0 A_0)
+
+so the update is a rank-2r LoRA on the *untouched* W: A' = [A_T; A_0], B' = [B_T, -B_0] with
+the same scale s (r' = 2r, alpha' = 2 alpha; alpha' = sqrt(2) alpha under rsLoRA). This is the
+conversion PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` performs,
+but without having to save the initial adapter before training: B_0 and A_0 are recomputed
+from the original base weight with :func:`oloraplus.adapters.olora_factors`, the very
+function training used.
+
+``--to lora`` writes that adapter (``init_lora_weights=True`` in its config, so any loader
+leaves the base alone); ``--to merged`` adds the update into the weights and writes a full
+float32 checkpoint plus the tokenizer, loadable with ``from_pretrained``. An adapter trained
+with the standard LoRA init (B_0 = 0) needs no conversion: ``lora`` copies it.
+
+Either output is written into a temporary sibling folder and renamed into place at the end, so
+an interrupted export never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .adapters import olora_factors
+from .errors import UserError
+
+EXPORT_TARGETS = ("lora", "merged")
+# init_lora_weights values that leave the base weights alone (PEFT's default LoRA inits).
+_STANDARD_INITS = (True, False, "gaussian")
+_PEFT_PREFIX = "base_model.model."
+
+
+def export_adapter(model: str, adapter: str, to: str, output: str, overwrite: bool = False) -> Path:
+    """Export ``adapter`` (trained on ``model``) as a standard LoRA adapter or a merged model.
+
+    Returns the output folder. Raises :class:`UserError` for a missing or unsupported adapter,
+    an adapter that does not fit the model, or an output folder that is in the way.
+    """
+    from peft import LoraConfig
+
+    from .models import load_model
+
+    if to not in EXPORT_TARGETS:
+        raise UserError(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got '{to}'")
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json); pass RUN/adapter")
+    out = _check_output(Path(output), overwrite, sources=[adapter_dir, Path(model)])
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # wrong peft_type, unreadable JSON, unknown keys
+        raise UserError(f"cannot read {adapter_dir / 'adapter_config.json'} as a LoRA config: {exc}") from exc
+    init = config.init_lora_weights
+    if init != "olora" and init not in _STANDARD_INITS:
+        raise UserError(
+            f"adapter {adapter_dir} uses init_lora_weights={init!r}; export handles 'olora' and standard LoRA inits"
+        )
+    if config.use_dora:
+        raise UserError(f"adapter {adapter_dir} is a DoRA adapter; export handles plain LoRA only")
+
+    base, tokenizer = load_model(model)  # float32, untouched
+    if init == "olora":
+        weights, config = to_standard_lora(base, _load_weights(adapter_dir), config, where=str(adapter_dir))
+    else:
+        weights = _load_weights(adapter_dir)
+
+    with _staged(out, overwrite) as tmp:
+        if to == "lora":
+            if init == "olora":
+                _save_adapter(tmp, weights, config)
+            else:
+                shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        else:
+            merged = merge_lora(base, weights, config)
+            merged.config.use_cache = True  # load_model turned the KV cache off for training
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+@torch.no_grad()
+def to_standard_lora(
+    base: torch.nn.Module, weights: dict[str, torch.Tensor], config, where: str = "adapter"
+) -> tuple[dict[str, torch.Tensor], object]:
+    """Turn a trained OLoRA adapter's weights into a rank-2r LoRA for the untouched ``base``.
+
+    ``weights`` are the adapter's saved tensors (PEFT names, without the adapter name);
+    ``base`` must hold the ORIGINAL weights (not the OLoRA residual). Returns the new tensors
+    (float32) and a copy of ``config`` with r, alpha and the init changed to match.
+    """
+    import copy
+
+    if config.rank_pattern or config.alpha_pattern:
+        raise UserError(f"{where}: rank_pattern/alpha_pattern adapters are not supported by export")
+    converted = dict(weights)
+    for key, a_t in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        prefix = key[: -len(".lora_A.weight")]
+        b_t = weights.get(prefix + ".lora_B.weight")
+        module = _base_linear(base, prefix, where)
+        if b_t is None or a_t.shape[1] != module.in_features or b_t.shape[0] != module.out_features:
+            raise UserError(f"{where} does not fit this model: layer {_module_path(prefix)} has another shape")
+        rank = a_t.shape[0]
+        b_0, a_0 = olora_factors(module.weight, rank)
+        converted[key] = torch.cat([a_t.float(), a_0], dim=0)
+        converted[prefix + ".lora_B.weight"] = torch.cat([b_t.float(), -b_0], dim=1)
+    new = copy.deepcopy(config)
+    new.init_lora_weights = True
+    new.r = 2 * config.r
+    new.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)  # same scale s
+    return converted, new
+
+
+def merge_lora(base: torch.nn.Module, weights: dict[str, torch.Tensor], config) -> torch.nn.Module:
+    """``base`` with a standard (B_0 = 0 at init, base untouched) LoRA adapter merged in."""
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    config = copy.deepcopy(config)
+    config.inference_mode = False
+    peft_model = get_peft_model(base, config)
+    result = set_peft_model_state_dict(peft_model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"the adapter does not fit this model: {len(missing)} LoRA weights missing, "
+            f"{len(result.unexpected_keys)} unexpected"
+        )
+    return peft_model.merge_and_unload()
+
+
+def _load_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from peft.utils import load_peft_weights
+
+    try:
+        return load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as exc:
+        raise UserError(f"cannot read the weights in {adapter_dir}: {exc}") from exc
+
+
+def _module_path(prefix: str) -> str:
+    return prefix[len(_PEFT_PREFIX):] if prefix.startswith(_PEFT_PREFIX) else prefix
+
+
+def _base_linear(base: torch.nn.Module, prefix: str, where: str) -> torch.nn.Linear:
+    path = _module_path(prefix)
+    try:
+        module = base.get_submodule(path)
+    except AttributeError:
+        raise UserError(f"{where} does not fit this model: it has no layer {path}") from None
+    if not isinstance(module, torch.nn.Linear):
+        raise UserError(f"{where}: layer {path} is a {type(module).__name__}; export handles Linear layers")
+    return module
+
+
+def _save_adapter(folder: Path, weights: dict[str, torch.Tensor], config) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+
+
+def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> Path:
+    """Refuse an output that is a file, non-empty (without overwrite), or holds an input."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is an existing file; give a folder path")
+    resolved = out.resolve()
+    for source in sources:
+        if source.exists() and (resolved == source.resolve() or resolved in source.resolve().parents):
+            raise UserError(f"--output {out} would overwrite the input {source}; choose another folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    return out
+
+
+@contextlib.contextmanager
+def _staged(out: Path, overwrite: bool):
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            if any(out.iterdir()) and not overwrite:  # appeared while we worked
+                raise UserError(f"--output {out} is not empty; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

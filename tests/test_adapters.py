@@ -1,0 +1,219 @@
+"""OLoRA initialisation checked against an independent full QR and against PEFT's own "olora".
+
+The reference for every adapted layer is ``torch.linalg.qr`` of the whole fp32 weight (not the
+first-r-columns shortcut ``apply_olora`` uses). QR is unique only up to the signs of Q's
+columns / R's rows, so both sides are normalised to a non-negative diagonal of R before
+comparing, and the sign-free product B @ A is compared as well.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from peft import LoraConfig, get_peft_model
+
+from oloraplus.adapters import OLoRAPlusConfig, apply_olora, lora_layers
+from oloraplus.errors import UserError
+
+FAMILIES = ["llama", "opt", "gemma"]
+DTYPES = [torch.float32, torch.bfloat16]
+RANK, ALPHA = 8, 16
+EXPECTED_TARGETS = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "opt": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
+}
+
+
+def reference_qr(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q[:, :r] and R[:r, :] of the full fp32 QR, signs fixed so that diag(R_r) >= 0."""
+    q, r = torch.linalg.qr(weight.detach().float())
+    return positive_diagonal(q[:, :rank], r[:rank])
+
+
+def positive_diagonal(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip column j of B and row j of A together so that A[j, j] >= 0 (B @ A is unchanged)."""
+    signs = torch.sign(torch.diagonal(a[:, : a.shape[0]]))
+    signs[signs == 0] = 1
+    return b * signs, a * signs[:, None]
+
+
+def inputs(seed: int = 1) -> torch.Tensor:
+    return torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+def original_weights(model) -> dict[str, torch.Tensor]:
+    """Module name -> a copy of its weight, for every Linear, keyed as PEFT will name it."""
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def peft_key(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_olora_init_matches_independent_qr(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    weights = original_weights(model)
+    ids = inputs()
+    before = logits(model, ids)
+    reference_fp32 = logits(tiny_model(family), ids)  # same seed, so the same weights in fp32
+
+    peft_model = apply_olora(model, OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
+    layers = lora_layers(peft_model)
+    assert layers, "no LoRA layers were added"
+    scale = ALPHA / RANK
+    for name, layer in layers.items():
+        w = weights[peft_key(name)]
+        q_r, r_r = reference_qr(w, RANK)
+        b = layer.lora_B["default"].weight.detach()
+        a = layer.lora_A["default"].weight.detach()
+        assert b.dtype == a.dtype == torch.float32, "adapter factors must be kept in fp32"
+        assert layer.scaling["default"] == pytest.approx(scale)
+        b_pos, a_pos = positive_diagonal(b, a)
+        torch.testing.assert_close(a_pos, r_r, rtol=1e-4, atol=2e-5, msg=f"{name}: A != R_r")
+        torch.testing.assert_close(b_pos, q_r, rtol=1e-4, atol=2e-5, msg=f"{name}: B != Q_r")
+        torch.testing.assert_close(b @ a, q_r @ r_r, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(b.T @ b, torch.eye(RANK), rtol=0, atol=1e-5, msg=f"{name}: B^T B != I")
+        # Base weight = W - s * Q_r R_r, rounded once to the model's dtype.
+        base = layer.get_base_layer().weight.detach()
+        assert base.dtype == dtype
+        expected = (w.float() - scale * (q_r @ r_r)).to(dtype).float()
+        if dtype == torch.float32:
+            torch.testing.assert_close(base.float(), expected, rtol=1e-5, atol=1e-5)
+        else:  # one bf16 rounding step at most: fp32 rounding can tip a value across a bf16 boundary
+            torch.testing.assert_close(base.float(), expected, rtol=2**-7, atol=1e-4)
+        # Everything is still fixed by the factors: W == base + s*B@A (within the dtype's rounding).
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(base.float() + scale * (b @ a), w.float(), rtol=tol, atol=tol * w.abs().max().item())
+
+    after = logits(peft_model, ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    else:
+        # bf16: the residual W - s*BA is rounded to bf16 again; allow a few times the error bf16
+        # itself makes against the fp32 model, and never more than a few percent.
+        bf16_noise = rel_err(before, reference_fp32)
+        assert 0 < bf16_noise < 0.05
+        assert rel_err(after, before) < max(4 * bf16_noise, 1e-3)
+        assert rel_err(after, reference_fp32) < 5 * bf16_noise
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_plain_peft_olora(family, dtype):
+    """PEFT's own init_lora_weights="olora" (full QR) gives the same product, base and outputs."""
+    model = tiny_model(family, dtype=dtype)
+    ids = inputs(2)
+    ours = apply_olora(copy.deepcopy(model), OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
+    peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted(EXPECTED_TARGETS[family]),
+                             init_lora_weights="olora", task_type="CAUSAL_LM")
+    theirs = get_peft_model(copy.deepcopy(model), peft_config)
+    ours_layers, their_layers = lora_layers(ours), lora_layers(theirs)
+    assert ours_layers.keys() == their_layers.keys()
+    # PEFT stores its factors in the model dtype before upcasting them, so in bf16 its B and A
+    # carry one bf16 rounding; ours are exact fp32 factors.
+    product_tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for name, layer in ours_layers.items():
+        other = their_layers[name]
+        prod = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        their_prod = (other.lora_B["default"].weight @ other.lora_A["default"].weight).float()
+        torch.testing.assert_close(prod.detach(), their_prod.detach(), rtol=product_tol,
+                                   atol=product_tol * their_prod.abs().max().item())
+        base, their_base = layer.get_base_layer().weight, other.get_base_layer().weight
+        assert base.dtype == their_base.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(base, their_base, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(base.float(), their_base.float(), rtol=2**-7, atol=1e-4)
+    ours_out, their_out = logits(ours, ids), logits(theirs, ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours_out, their_out, rtol=1e-4, atol=1e-4)
+    else:
+        assert rel_err(ours_out, their_out) < 0.05
+    assert ours.peft_config["default"].init_lora_weights == "olora"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_are_every_attention_and_mlp_linear(family):
+    model = tiny_model(family)
+    n_layers = model.config.num_hidden_layers
+    peft_model = apply_olora(model, OLoRAPlusConfig(rank=4))
+    names = list(lora_layers(peft_model))
+    assert {n.rsplit(".", 1)[-1] for n in names} == EXPECTED_TARGETS[family]
+    assert len(names) == n_layers * len(EXPECTED_TARGETS[family])
+    # Nothing else is adapted: the LM head and embeddings stay plain modules.
+    assert not any("lm_head" in n or "embed" in n for n in names)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+
+
+def test_lora_init_gives_zero_b_and_unchanged_base():
+    model = tiny_model("llama")
+    weights = original_weights(model)
+    ids = inputs()
+    before = logits(model, ids)
+    peft_model = apply_olora(model, OLoRAPlusConfig(rank=4, init="lora"))
+    for name, layer in lora_layers(peft_model).items():
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert torch.count_nonzero(layer.lora_A["default"].weight) > 0
+        assert torch.equal(layer.get_base_layer().weight, weights[peft_key(name)])
+    torch.testing.assert_close(logits(peft_model, ids), before, rtol=0, atol=0)
+    assert peft_model.peft_config["default"].init_lora_weights is True
+
+
+def test_rank_larger_than_a_layer_names_the_layer():
+    model = tiny_model("llama")
+    # k_proj/v_proj map 64 -> 32 (2 kv heads of 16), so rank 33 is too large for them only.
+    too_small = {
+        name for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) < 33
+        and name.rsplit(".", 1)[-1] in EXPECTED_TARGETS["llama"]
+    }
+    assert too_small and all(n.endswith(("k_proj", "v_proj")) for n in too_small)
+    with pytest.raises(UserError) as info:
+        apply_olora(model, OLoRAPlusConfig(rank=33))
+    message = str(info.value)
+    assert any(f"'{name}'" in message for name in too_small), message
+    assert "32" in message  # the largest rank that would work
+    # Targets that are all large enough accept the same rank.
+    apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=33, target_modules=["q_proj", "gate_proj"]))
+
+
+@pytest.mark.parametrize(
+    ("targets", "needle"),
+    [
+        (["no_such_proj"], "no_such_proj"),
+        (["q_proj", "wq"], "wq"),
+        (["embed_tokens"], "embed_tokens"),
+        (["input_layernorm"], "input_layernorm"),
+    ],
+)
+def test_bad_targets_are_user_errors(targets, needle):
+    with pytest.raises(UserError, match=needle):
+        apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, target_modules=targets))
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"rank": -1}, {"alpha": 0}, {"ratio": 0},
+                                    {"ratio": float("nan")}, {"lr": float("inf")}, {"init": "pissa"},
+                                    {"dropout": 1.0}])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(UserError):
+        OLoRAPlusConfig(**kwargs)

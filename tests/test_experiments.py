@@ -1,0 +1,344 @@
+"""The experiment grid: expansion, presets, and resumable, failure-tolerant running.
+
+Most tests replace ``oloraplus.experiments.train`` with a fake that behaves like the real one
+where it matters (refuses/clears a non-empty folder via ``prepare_output``, writes
+``results.json`` last) so the grid logic is tested in milliseconds; one test runs the real
+``oloraplus sweep`` + ``oloraplus report`` on the tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+import oloraplus.experiments as experiments
+from oloraplus.cli import main
+from oloraplus.errors import UserError
+from oloraplus.experiments import (
+    PRESETS,
+    expand_grid,
+    format_ratio,
+    parse_ratio,
+    preset_grid,
+    run_grid,
+    safe_name,
+)
+from oloraplus.files import write_json_atomic
+from oloraplus.train import prepare_output
+
+
+def fake_metrics(config) -> dict:
+    lam = 1.0 if config.ratio is None else config.ratio
+    return {"eval_loss": 1.0 + lam / 100 + config.seed / 1000, "perplexity": 3.0, "bleu": 10.0 + config.seed,
+            "rouge1": 30.0 + lam, "rouge2": 12.0, "rougeL": 25.0}
+
+
+class FakeTrain:
+    """Stands in for ``oloraplus.train.train``: same folder handling, instant "training"."""
+
+    def __init__(self, fail_on: set[str] = frozenset(), interrupt_on: set[str] = frozenset()):
+        self.calls: list[str] = []
+        self.fail_on, self.interrupt_on = fail_on, interrupt_on
+
+    def __call__(self, config):
+        out = prepare_output(config.output, config.overwrite)
+        name = Path(config.output).name
+        self.calls.append(name)
+        (out / "adapter").mkdir()
+        (out / "adapter" / "partial.bin").write_bytes(b"x")  # written before results.json, as in train()
+        if name in self.fail_on:
+            raise RuntimeError(f"CUDA out of memory in {name}")
+        if name in self.interrupt_on:
+            raise KeyboardInterrupt
+        results = {"metrics": fake_metrics(config), "evaluation": {"metrics_mode": config.metrics_mode},
+                   "config": asdict(config), "timings_seconds": {"train": 0.5, "total": 1.0}}
+        write_json_atomic(out / "results.json", results)
+        return results
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeTrain:
+    f = FakeTrain()
+    monkeypatch.setattr(experiments, "train", f)
+    return f
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+SPECS_ARGS = dict(models=["tiny"], ratios=[1 / 16, 16], seeds=2, n_train=8, n_eval=4)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_parse_ratio_accepts_fractions_and_decimals():
+    assert parse_ratio("1/16") == 0.0625 == parse_ratio("0.0625")
+    assert parse_ratio("16") == 16.0 and parse_ratio(4) == 4.0
+    for bad in ("abc", "0", "-2", "1/0", "inf"):
+        with pytest.raises(UserError):
+            parse_ratio(bad)
+
+
+def test_format_ratio_and_safe_names():
+    assert format_ratio(1 / 16) == "0.0625" and format_ratio(16.0) == "16" and format_ratio(1) == "1"
+    assert float(format_ratio(1 / 3)) == 1 / 3  # exact round trip, no collisions by rounding
+    assert safe_name("TinyLlama/TinyLlama_v1.1") == "TinyLlama--TinyLlama_v1.1"
+    assert "/" not in safe_name("/tmp/x y/model") and " " not in safe_name("/tmp/x y/model")
+
+
+def test_expand_grid_counts_keys_and_single_baseline():
+    specs = expand_grid(["smollm2-135m", "org/model"], ratios=[1 / 16, 1, 16], seeds=3, n_train=10)
+    # per model and seed: one baseline + two OLoRA+ arms; the ratio 1 in --ratios is the baseline
+    assert len(specs) == 2 * 3 * 3
+    keys = [s.key for s in specs]
+    assert len(set(keys)) == len(keys)
+    baselines = [s for s in specs if s.method == "olora"]
+    assert len(baselines) == 2 * 3 and all(s.ratio == 1.0 for s in baselines)
+    assert {s.ratio for s in specs if s.method == "olora-plus"} == {0.0625, 16.0}
+    assert "smollm2-135m/olora-r1-s0" in keys
+    assert "smollm2-135m/olora-plus-r0.0625-s1" in keys
+    assert "org/model/olora-plus-r16-s2" in keys
+    folders = {s.folder for s in specs}
+    assert "org--model/olora-plus-r16-s2" in folders and len(folders) == len(specs)
+    assert all(s.flags == {"n_train": 10} for s in specs)
+    # stable: the same arguments give the same keys in the same order
+    assert [s.key for s in expand_grid(["smollm2-135m", "org/model"], ratios=[16, 1, 1 / 16], seeds=3,
+                                       n_train=10)] == keys
+    # seed-major within a model: the first three runs are the complete comparison of seed 0
+    assert [(s.method, s.ratio, s.seed) for s in specs[:3]] == [
+        ("olora", 1.0, 0), ("olora-plus", 0.0625, 0), ("olora-plus", 16.0, 0)]
+
+
+def test_expand_grid_without_ratio_one_still_has_baseline_and_configs_validate(tmp_path):
+    specs = expand_grid(["m"], ratios=["1/4", "4"], seeds=[5])
+    assert [(s.method, s.ratio, s.seed) for s in specs] == [("olora", 1.0, 5), ("olora-plus", 0.25, 5),
+                                                            ("olora-plus", 4.0, 5)]
+    configs = [s.config(tmp_path / s.folder) for s in specs]
+    for c in configs:
+        c.validate()
+    assert configs[0].ratio is None and configs[1].ratio == 0.25 and configs[1].lam == 0.25
+
+
+def test_expand_grid_rejects_bad_input():
+    with pytest.raises(UserError, match="unknown train flag"):
+        expand_grid(["m"], n_trian=5)
+    with pytest.raises(UserError, match="unknown method"):
+        expand_grid(["m"], methods=["dora"])
+    with pytest.raises(UserError, match="seeds"):
+        expand_grid(["m"], seeds=0)
+    with pytest.raises(UserError, match="models"):
+        expand_grid([])
+
+
+def test_presets():
+    quick = preset_grid("quick").expand()
+    assert len(quick) == 1 * 3 * 3 and {s.model for s in quick} == {"smollm2-135m"}
+    assert quick[0].flags == {"rank": 32, "alpha": 16, "lr": 3e-4, "epochs": 1, "n_train": 200, "n_eval": 100,
+                              "max_new_tokens": 64}
+    local = preset_grid("local").expand()
+    assert {s.model for s in local} == {"smollm2-135m", "gemma3-270m"} and local[0].flags["n_train"] == 1000
+    assert PRESETS["paper"].models == ("tinyllama-1.1b", "opt-1.3b", "gemma-2b")
+    paper = preset_grid("paper", seeds=1, ratios=[0.25], max_steps=3).expand()
+    assert len(paper) == 3 * 2 and all(s.flags["max_steps"] == 3 and s.flags["n_eval"] == 500 for s in paper)
+    with pytest.raises(UserError):
+        preset_grid("huge")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_run_grid_runs_each_spec_once_and_skips_completed(tmp_path, fake):
+    specs = expand_grid(**SPECS_ARGS)
+    outcome = run_grid(specs, tmp_path, log=lambda s: None)
+    assert outcome.ok and len(outcome.done) == len(specs) == 6 and len(fake.calls) == 6
+    rows = read_lines(tmp_path / "runs.jsonl")
+    assert [r["key"] for r in rows] == [s.key for s in specs]
+    row = rows[1]
+    spec = specs[1]
+    assert (row["model"], row["method"], row["ratio"], row["seed"]) == (spec.model, spec.method, spec.ratio, spec.seed)
+    assert row["run_dir"] == f"runs/{spec.folder}" and (tmp_path / row["run_dir"] / "results.json").is_file()
+    stored = json.loads((tmp_path / row["run_dir"] / "results.json").read_text())
+    assert row["metrics"] == stored["metrics"] and row["metrics_mode"] == "generation"
+    assert row["flags"] == {"n_train": 8, "n_eval": 4}
+    assert row["timings"]["train"] == 0.5 and row["timings"]["wall"] >= 0
+
+    again = run_grid(specs, tmp_path, log=lambda s: None)
+    assert len(fake.calls) == 6 and again.skipped == [s.key for s in specs] and not again.done
+    assert read_lines(tmp_path / "runs.jsonl") == rows  # no duplicates
+
+
+def test_incomplete_folder_is_redone(tmp_path, fake):
+    specs = expand_grid(**SPECS_ARGS)
+    leftover = tmp_path / "runs" / specs[2].folder
+    (leftover / "checkpoints").mkdir(parents=True)
+    (leftover / "checkpoints" / "junk").write_text("from a killed run")
+    run_grid(specs, tmp_path, log=lambda s: None)
+    assert len(fake.calls) == 6
+    assert not (leftover / "checkpoints").exists() and (leftover / "results.json").is_file()
+
+
+def test_interrupted_run_leaves_valid_runs_file_and_is_redone(tmp_path, monkeypatch):
+    specs = expand_grid(**SPECS_ARGS)
+    victim = specs[3]
+    crashing = FakeTrain(interrupt_on={Path(victim.folder).name})
+    monkeypatch.setattr(experiments, "train", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(specs, tmp_path, log=lambda s: None)
+    rows = read_lines(tmp_path / "runs.jsonl")  # parseable, only the finished runs
+    assert [r["key"] for r in rows] == [s.key for s in specs[:3]]
+    assert not (tmp_path / "runs" / victim.folder / "results.json").exists()
+
+    healthy = FakeTrain()
+    monkeypatch.setattr(experiments, "train", healthy)
+    outcome = run_grid(specs, tmp_path, log=lambda s: None)
+    assert healthy.calls == [Path(s.folder).name for s in specs[3:]]
+    assert outcome.skipped == [s.key for s in specs[:3]]
+    keys = [r["key"] for r in read_lines(tmp_path / "runs.jsonl")]
+    assert sorted(keys) == sorted(s.key for s in specs) and len(keys) == len(set(keys))
+
+
+def test_crash_while_appending_keeps_runs_file_and_recovers_the_line(tmp_path, fake, monkeypatch):
+    specs = expand_grid(**SPECS_ARGS)
+    run_grid(specs[:2], tmp_path, log=lambda s: None)
+    before = (tmp_path / "runs.jsonl").read_bytes()
+
+    import oloraplus.files as files
+
+    real_replace = files.os.replace
+
+    def dying_replace(src, dst):  # the process dies after writing the temp file, before the rename
+        if str(dst).endswith("runs.jsonl"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", dying_replace)
+    with pytest.raises(OSError):
+        run_grid(specs[:3], tmp_path, log=lambda s: None)
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert (tmp_path / "runs.jsonl").read_bytes() == before  # old content intact, never half written
+    assert not list(tmp_path.glob(".runs.jsonl*"))  # no temp file left behind
+    assert (tmp_path / "runs" / specs[2].folder / "results.json").is_file()
+
+    calls = len(fake.calls)
+    run_grid(specs[:3], tmp_path, log=lambda s: None)
+    assert len(fake.calls) == calls  # the finished run is not redone, only its line added
+    assert [r["key"] for r in read_lines(tmp_path / "runs.jsonl")] == [s.key for s in specs[:3]]
+
+
+def test_failed_run_is_recorded_and_grid_continues(tmp_path, monkeypatch):
+    specs = expand_grid(**SPECS_ARGS)
+    victim = specs[1]
+    failing = FakeTrain(fail_on={Path(victim.folder).name})
+    monkeypatch.setattr(experiments, "train", failing)
+    logs: list[str] = []
+    outcome = run_grid(specs, tmp_path, log=logs.append)
+    assert outcome.failed == [victim.key] and not outcome.ok
+    assert len(outcome.done) == len(specs) - 1 and len(failing.calls) == len(specs)
+    assert victim.key not in {r["key"] for r in read_lines(tmp_path / "runs.jsonl")}
+    failures = read_lines(tmp_path / "failures.jsonl")
+    assert failures[0]["key"] == victim.key and "CUDA out of memory" in failures[0]["error"]
+    assert "RuntimeError" in failures[0]["traceback"]
+    assert any("FAILED" in line and victim.label in line for line in logs)
+    done_line = next(line for line in logs if specs[0].label in line and "done" in line)
+    assert done_line.startswith(f"[1/{len(specs)}] tiny olora r=1 seed 0 ... done (eval_loss 1.0100, ")
+
+
+def test_result_line_added_when_results_exist_but_line_missing(tmp_path, fake):
+    specs = expand_grid(**SPECS_ARGS)
+    run_grid(specs, tmp_path, log=lambda s: None)
+    rows = read_lines(tmp_path / "runs.jsonl")
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-2]))
+    run_grid(specs, tmp_path, log=lambda s: None)
+    assert len(fake.calls) == len(specs)
+    assert sorted(r["key"] for r in read_lines(tmp_path / "runs.jsonl")) == sorted(s.key for s in specs)
+
+
+def test_deleted_run_folder_is_redone_without_duplicating_its_key(tmp_path, fake):
+    import shutil
+
+    specs = expand_grid(**SPECS_ARGS)
+    run_grid(specs, tmp_path, log=lambda s: None)
+    shutil.rmtree(tmp_path / "runs" / specs[0].folder)
+    run_grid(specs, tmp_path, log=lambda s: None)
+    assert len(fake.calls) == len(specs) + 1
+    keys = [r["key"] for r in read_lines(tmp_path / "runs.jsonl")]
+    assert sorted(keys) == sorted(s.key for s in specs)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, fake):
+    run_grid(expand_grid(**SPECS_ARGS), tmp_path, log=lambda s: None)
+    changed = expand_grid(**{**SPECS_ARGS, "n_train": 16})
+    with pytest.raises(UserError, match="n_train"):
+        run_grid(changed, tmp_path, log=lambda s: None)
+    assert len(fake.calls) == 6
+    # speed-only flags may change on resume
+    run_grid(expand_grid(**SPECS_ARGS, eval_batch_size=2, progress=False), tmp_path, log=lambda s: None)
+    assert len(fake.calls) == 6
+
+
+def test_invalid_config_fails_before_any_run(tmp_path, fake):
+    with pytest.raises(UserError, match="n-train"):
+        run_grid(expand_grid(["m"], n_train=0), tmp_path, log=lambda s: None)
+    assert fake.calls == []
+
+
+def test_cli_sweep_parses_ratios_and_exits_nonzero_on_failure(tmp_path, monkeypatch, capsys):
+    failing = FakeTrain(fail_on={"olora-plus-r16-s0"})
+    monkeypatch.setattr(experiments, "train", failing)
+    out = tmp_path / "grid"
+    code = main(["sweep", "--models", "m", "--ratios", "1/16", "16", "--seeds", "1", "--n-train", "8",
+                 "--metrics-mode", "teacher-forced", "--no-progress", "--output", str(out)])
+    assert code == 1
+    assert sorted(failing.calls) == ["olora-plus-r0.0625-s0", "olora-plus-r16-s0", "olora-r1-s0"]
+    rows = read_lines(out / "runs.jsonl")
+    assert {r["ratio"] for r in rows} == {1.0, 0.0625}
+    assert rows[0]["flags"] == {"n_train": 8, "metrics_mode": "teacher-forced", "progress": False}
+    assert rows[0]["metrics_mode"] == "teacher-forced"
+    assert (out / "report.md").is_file()  # finished runs are reported even when one failed
+    assert "1 failed" in capsys.readouterr().out
+
+
+def test_cli_reproduce_uses_preset_and_overrides(tmp_path, fake, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["reproduce", "--preset", "quick", "--seeds", "1", "--ratios", "0.25", "--max-steps", "2"])
+    assert code == 0
+    rows = read_lines(tmp_path / "runs" / "quick" / "runs.jsonl")
+    assert [(r["method"], r["ratio"]) for r in rows] == [("olora", 1.0), ("olora-plus", 0.25)]
+    assert rows[0]["flags"]["n_train"] == 200 and rows[0]["flags"]["max_steps"] == 2
+    assert (tmp_path / "runs" / "quick" / "report.md").is_file()
+
+
+def test_cli_bad_ratio_is_a_user_error(tmp_path, fake, capsys):
+    assert main(["sweep", "--models", "m", "--ratios", "x", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ratio 'x'")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_sweep_and_report_end_to_end_on_tiny_checkpoint(tmp_path, tiny_checkpoint, records_file):
+    out = tmp_path / "grid"
+    args = ["sweep", "--models", str(tiny_checkpoint), "--ratios", "1", "16", "--seeds", "1",
+            "--data", str(records_file), "--n-train", "8", "--n-eval", "4", "--max-steps", "1", "--batch-size", "4",
+            "--rank", "4", "--max-length", "96", "--max-new-tokens", "4", "--metrics-mode", "teacher-forced",
+            "--precision", "fp32", "--no-progress", "--output", str(out)]
+    assert main(args) == 0
+    rows = read_lines(out / "runs.jsonl")
+    assert [(r["method"], r["ratio"]) for r in rows] == [("olora", 1.0), ("olora-plus", 16.0)]
+    for r in rows:
+        results = json.loads((out / r["run_dir"] / "results.json").read_text())
+        assert r["metrics"] == results["metrics"] and results["method"]["ratio"] == r["ratio"]
+        assert results["training"]["steps"] == 1
+    assert main(args) == 0  # resumed: nothing to do
+    assert len(read_lines(out / "runs.jsonl")) == 2
+
+    assert main(["report", str(out), "--output", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "OLoRA+ λ=16" in md and "teacher-forced" in md
+    assert f"{rows[0]['metrics']['eval_loss']:.4f}" in md
+    assert (tmp_path / "rep" / "figure_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
