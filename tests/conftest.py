@@ -17,6 +17,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tiny models: one thread is faster than two fighting over small ops (and over a busy machine).
+torch.set_num_threads(1)
 
 WORDS = (
     "river stone light cloud green music paper table window garden summer winter bright "

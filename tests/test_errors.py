@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_records, tiny_model
 
+import oloraplus.models
 import oloraplus.train
 from oloraplus.cli import main
 
@@ -63,7 +64,8 @@ CASES = [
       for v in ("0", "-1", "nan", "inf")],
     *[(f"alpha-{v}", None, ["--alpha", v], "alpha must be a positive finite number", True)
       for v in ("0", "-2", "nan", "inf")],
-    *[(f"lr-{v}", None, ["--lr", v], "lr must be a positive finite number", True) for v in ("0", "-0.0001", "nan", "inf")],
+    *[(f"lr-{v}", None, ["--lr", v], "lr must be a positive finite number", True)
+      for v in ("0", "-0.0001", "nan", "inf")],
     *[(f"epochs-{v}", None, ["--epochs", v], "epochs must be a positive finite number", True)
       for v in ("0", "-1", "nan", "inf")],
     *[(f"rank-{v}", None, ["--rank", v], f"rank must be a positive finite number, got {v}", True)
@@ -75,6 +77,9 @@ CASES = [
     ("ratio-not-a-number", None, ["--ratio", "abc"], "argument --ratio: invalid float value: 'abc'", True),
     ("n-eval-0", None, ["--n-eval", "0"], "n-eval must be a positive finite number, got 0", True),
     ("save-steps-0", None, ["--save-steps", "0"], "save-steps must be a positive finite number, got 0", True),
+    ("max-steps-0", None, ["--max-steps", "0"], "max-steps must be a positive finite number, got 0", True),
+    ("dropout-1", None, ["--dropout", "1"], "dropout must be in [0, 1), got 1.0", True),
+    ("weight-decay-nan", None, ["--weight-decay", "nan"], "weight_decay must be >= 0 and finite, got nan", True),
     ("rank-too-large", None, ["--rank", "40"], "rank 40 is larger than target layer", False),
     # --- method
     ("method-unknown", None, ["--method", "dora"], "argument --method: invalid choice: 'dora'", True),
@@ -164,6 +169,7 @@ def test_user_error(data, flags, needle, early, workspace, checkpoint, monkeypat
             raise AssertionError("a model was loaded before this error was found")
 
         monkeypatch.setattr(oloraplus.train, "load_model", no_model)
+        monkeypatch.setattr(oloraplus.models, "load_model", no_model)  # export imports it when called
     before = {p: p.stat().st_mtime_ns for p in workspace.rglob("*")}
 
     code = main(argv)

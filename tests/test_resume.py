@@ -25,6 +25,16 @@ from oloraplus.trainer import KILL_AT_STEP_ENV
 RATIO = 4.0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads spinning against other jobs make
+    them ~20x slower, one thread is fastest (and the same in every process of a test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _flags(checkpoint: Path, data: Path, out: Path) -> list[str]:
     return ["train", "--model", str(checkpoint), "--data", str(data), "--output", str(out),
             "--method", "olora-plus", "--ratio", str(RATIO), "--rank", "4", "--lr", "5e-3",
@@ -42,7 +52,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tiny_checkpoint, 
     assert main(_flags(tiny_checkpoint, records_file, straight)) == 0, capsys.readouterr().err
 
     # Die like an OOM kill at the end of step 3: checkpoint-2 is on disk, step 3 is lost.
-    env = {**os.environ, KILL_AT_STEP_ENV: "3"}
+    env = {**os.environ, KILL_AT_STEP_ENV: "3", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "oloraplus", *_flags(tiny_checkpoint, records_file, killed)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]

@@ -13,7 +13,7 @@ Reported (printed as a table and written as JSON):
 - ``olora_plus_overhead``: our step time at ratio 16 over ratio 1, steps interleaved;
 - ``init``: whole-model OLoRA init time, ours vs PEFT's;
 - ``generation``: new tokens/s of our batched greedy generation vs a one-prompt-at-a-time
-  ``model.generate`` loop in the same precision, and the share of identical outputs;
+  ``model.generate`` loop on the same (merged, fp32) model, and the share of identical outputs;
   ``eval_loss_tokens_per_second`` of our eval-loss pass;
 - ``roofline_fraction``: our useful training FLOP/s (counted with torch's FlopCounterMode on
   unpadded sequences: the body at every token, the LM head where a response token is
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
 
 
 @dataclass
@@ -68,16 +67,12 @@ def _split_examples(cfg: BenchConfig, tokenizer):
     return split, train, evals
 
 
-def _fp32_eval_loss(model, examples, pad_id) -> float:
-    """The same eval-loss code for both stacks, in fp32, whatever they trained in."""
+def _eval_loss_merged(model, examples, pad_id) -> float:
+    """The same eval-loss code for both stacks: merged adapters, fp32."""
     from .evaluation import eval_loss
+    from .runtime import merged_for_eval
 
-    saved = {n: p.dtype for n, p in model.named_parameters()}
-    model.float()
-    loss = eval_loss(model, examples, pad_id, batch_size=8, progress=False)["eval_loss"]
-    for n, p in model.named_parameters():
-        p.data = p.data.to(saved[n])
-    return loss
+    return eval_loss(merged_for_eval(model), examples, pad_id, batch_size=8, progress=False)["eval_loss"]
 
 
 def _peak_rss_mb() -> float:
@@ -112,7 +107,7 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
         seconds = time.perf_counter() - t
     tokens = sum(len(e.input_ids) for e in train)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "eval_loss": _fp32_eval_loss(model, evals, tokenizer.pad_token_id), "peak_rss_mb": _peak_rss_mb()}
+            "eval_loss": _eval_loss_merged(model, evals, tokenizer.pad_token_id), "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_ours(cfg: BenchConfig) -> dict:
@@ -121,7 +116,7 @@ def child_ours(cfg: BenchConfig) -> dict:
 
     from .adapters import apply_olora
     from .models import load_model
-    from .runtime import autocast, default_device, prepare_for_compute, resolve_precision
+    from .runtime import autocast, default_device, merged_for_eval, prepare_for_compute, resolve_precision
     from .train import TrainConfig, build_trainer
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
@@ -142,12 +137,13 @@ def child_ours(cfg: BenchConfig) -> dict:
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
               "precision": precision, "peak_rss_mb": _peak_rss_mb()}
-    result["eval_loss"] = _fp32_eval_loss(model, evals, tokenizer.pad_token_id)
     with autocast(precision, device):
         result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
         result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
-        result["generation"] = _generation(model, tokenizer, evals, cfg)
-        result["eval_pass"] = _eval_pass(model, evals, tokenizer.pad_token_id)
+    model = merged_for_eval(model)  # what `oloraplus train` evaluates: merged, fp32
+    result["eval_loss"] = _eval_loss_merged(model, evals, tokenizer.pad_token_id)
+    result["generation"] = _generation(model, tokenizer, evals, cfg)
+    result["eval_pass"] = _eval_pass(model, evals, tokenizer.pad_token_id)
     return result
 
 
@@ -202,7 +198,7 @@ def _generation(model, tokenizer, examples, cfg: BenchConfig) -> dict:
 
     prompts = [e.input_ids[: e.prompt_len] for e in examples[: cfg.generation_prompts]]
     t = time.perf_counter()
-    ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, progress=False)
+    ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64, progress=False)
     ours_seconds = time.perf_counter() - t
     eos = _eos_ids(model, tokenizer)
     loop, loop_tokens = [], 0
@@ -226,7 +222,7 @@ def _eval_pass(model, examples, pad_id) -> dict:
     from .evaluation import eval_loss
 
     t = time.perf_counter()
-    out = eval_loss(model, examples, pad_id, batch_size=8, progress=False)
+    eval_loss(model, examples, pad_id, batch_size=8, progress=False)
     seconds = time.perf_counter() - t
     tokens = sum(len(e.input_ids) for e in examples)
     return {"tokens_per_second": tokens / seconds, "seconds": seconds}

@@ -6,7 +6,6 @@ Every user mistake becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--generation-batch-size", type=int, default=16)
+    p.add_argument("--generation-batch-size", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if train:

@@ -72,3 +72,18 @@ def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> 
         if hasattr(base, "set_attn_implementation"):
             base.set_attn_implementation("eager")
     return model
+
+
+def merged_for_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained function as one plain fp32 model, for evaluation.
+
+    Merging the adapters removes their per-layer overhead from every generation step, and
+    fp32 makes greedy decoding independent of how prompts are batched (in bf16, batched and
+    one-at-a-time greedy outputs differed for 44% of Alpaca prompts; in fp32 for none). The
+    weights are the trained ones: a bf16-stored residual W - s*B*A is upcast exactly.
+    Consumes ``model`` (the merge is in place): save the adapter first.
+    """
+    model.float()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval()

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from .adapters import OLoRAPlusConfig, apply_olora
@@ -26,7 +25,7 @@ from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .runtime import autocast, default_device, prepare_for_compute, resolve_precision
+from .runtime import default_device, merged_for_eval, prepare_for_compute, resolve_precision
 from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
 METHODS = {  # method -> (init, takes a ratio)
@@ -63,7 +62,7 @@ class TrainConfig:
     metrics_mode: str = "generation"
     precision: str = "auto"
     eval_batch_size: int = 8
-    generation_batch_size: int = 16
+    generation_batch_size: int = 64
     group_by_length: bool = True
     head_on_labels_only: bool = True
     overwrite: bool = False
@@ -100,6 +99,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite deletes it; pass only one")
         per_device_batch_size(self.batch_size)  # --batch-size is the global batch under torchrun
+        self.adapter_config()  # dropout and weight decay, checked now rather than after loading the model
         if self.metrics_mode not in METRIC_MODES:
             raise UserError(f"unknown metrics mode '{self.metrics_mode}': choose {' or '.join(METRIC_MODES)}")
 
@@ -260,11 +260,12 @@ def train(config: TrainConfig) -> dict:
     if not is_main_process():
         return {}  # under torchrun, rank 0 alone evaluates and writes the run folder
 
-    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
+    model.save_pretrained(out / "adapter")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
     timings["eval_loss"] = details.pop("eval_loss_seconds")
     timings["predict"] = details.pop("predict_seconds")
 
-    model.save_pretrained(out / "adapter")
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -280,10 +281,11 @@ def train(config: TrainConfig) -> dict:
             "steps": steps,
             "train_loss": train_output.training_loss,
             "tokens": trained_tokens,
-            "tokens_per_second": trained_tokens / timings["train"] if timings["train"] > 0 else None,
+            "tokens_per_second": (_tokens_seen(train_examples, steps - _checkpoint_step(resume_from), config)
+                                  / timings["train"]) if timings["train"] > 0 else None,
             "log": [row for row in trainer.state.log_history if "loss" in row],
             "lr_schedule": "linear decay, no warmup (Trainer default)",
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": trainable,
             "processes": world_size(),
             "per_device_batch_size": per_device_batch_size(config.batch_size),
             "optimizer_groups_per_rank": rank_groups,
@@ -294,6 +296,11 @@ def train(config: TrainConfig) -> dict:
     }
     write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
     return results
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The step a resumed run started from (0 for a fresh run)."""
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
 
 def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> int:
@@ -327,6 +334,7 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         remove_unused_columns=False,
         disable_tqdm=not config.progress,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used in each forward
         ratio=config.lam,
     )
     return OLoRAPlusTrainer(
@@ -338,20 +346,22 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
     )
 
 
-def run_evaluation(config, model, tokenizer, split, eval_examples, precision, device):
+def run_evaluation(config, model, tokenizer, split, eval_examples):
+    """Eval loss and BLEU/ROUGE on the merged model in fp32 (see ``runtime.merged_for_eval``)."""
     references = [split.eval[e.index]["output"] for e in eval_examples]
-    with autocast(precision, device):
-        return evaluate_model(
-            model,
-            tokenizer,
-            eval_examples,
-            references,
-            metrics_mode=config.metrics_mode,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.eval_batch_size,
-            generation_batch_size=config.generation_batch_size,
-            progress=config.progress,
-        )
+    metrics, predictions, details = evaluate_model(
+        merged_for_eval(model),
+        tokenizer,
+        eval_examples,
+        references,
+        metrics_mode=config.metrics_mode,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval_batch_size,
+        generation_batch_size=config.generation_batch_size,
+        progress=config.progress,
+    )
+    details["precision"] = "fp32, adapters merged"
+    return metrics, predictions, details
 
 
 def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
@@ -371,8 +381,9 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as exc:
         raise UserError(f"cannot load adapter {adapter_dir} on model '{config.model}': {exc}") from exc
+    # Round the base weights exactly as training stored them, so the same function is evaluated.
     prepare_for_compute(model, precision, device)
-    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples, precision, device)
+    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     results = {
         "metrics": metrics,

@@ -58,6 +58,14 @@ class OLoRAPlusTrainer(Trainer):
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
             )
+            names = {group.get("name") for group in self.optimizer.param_groups}
+            if self.ratio != 1.0 and "lora_B" not in names:
+                # The groups are found by parameter name; FSDP1 with use_orig_params=False hides
+                # the names in flat parameters, and lr_B = ratio * lr_A would silently be lost.
+                raise UserError(
+                    f"no trainable lora_B parameters found by name, so ratio {self.ratio} cannot be applied "
+                    "(FSDP: set fsdp_config use_orig_params=true)"
+                )
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""``torchrun --nproc_per_node 2 -m oloraplus train``: data-parallel on CPU (gloo).
+
+--batch-size is the global batch, so the 2-process run takes the same optimiser steps on the
+same examples as a 1-process run; only rank 0 evaluates and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_records
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from oloraplus.cli import main
+from oloraplus.data import tokenize_records
+from oloraplus.evaluation import eval_loss
+
+dist = pytest.importorskip("torch.distributed")
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+RATIO = 4.0
+
+
+def _flags(checkpoint, data, out) -> list[str]:
+    return ["train", "--model", str(checkpoint), "--data", str(data), "--output", str(out),
+            "--method", "olora-plus", "--ratio", str(RATIO), "--rank", "4", "--lr", "1e-2",
+            "--n-train", "16", "--n-eval", "8", "--batch-size", "4", "--max-steps", "4",
+            "--max-new-tokens", "4", "--precision", "fp32", "--no-progress"]
+
+
+def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, tmp_path, capsys):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    # --standalone: a local rendezvous on a free port. Own session, so a hang kills the workers too.
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "oloraplus", *_flags(tiny_checkpoint, records_file, ddp)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+    )
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert stdout.count("wrote ") == 1, "only rank 0 reports and writes"
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_flags(tiny_checkpoint, records_file, single)) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+    a = json.loads((single / "results.json").read_text())
+    b = json.loads((ddp / "results.json").read_text())
+    assert (a["training"]["processes"], b["training"]["processes"]) == (1, 2)
+    assert (a["training"]["per_device_batch_size"], b["training"]["per_device_batch_size"]) == (4, 2)
+    assert a["training"]["steps"] == b["training"]["steps"] == 4  # 16 examples / global batch 4
+    assert b["data"]["eval_indices"] == a["data"]["eval_indices"]
+    assert len((ddp / "predictions.jsonl").read_text().splitlines()) == 8
+    assert (ddp / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Every rank built the same LoRA+ groups: lr_B = ratio * lr_A over the same parameters.
+    per_rank = b["training"]["optimizer_groups_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1] == a["training"]["optimizer_groups_per_rank"][0]
+    assert per_rank[1]["lora_B"]["lr"] == pytest.approx(RATIO * per_rank[1]["lora_A"]["lr"])
+
+    # Same eval loss within 2%, and training moved it by much more than that.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    records = make_records(40)
+    examples, _ = tokenize_records([records[i] for i in a["data"]["eval_indices"]], tokenizer, max_length=512)
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    untrained = eval_loss(base, examples, tokenizer.pad_token_id, progress=False)["eval_loss"]
+    single_loss, ddp_loss = a["metrics"]["eval_loss"], b["metrics"]["eval_loss"]
+    assert untrained - single_loss > 0.05 * untrained
+    assert abs(ddp_loss - single_loss) < 0.02 * single_loss
+
+
+def test_trainer_refuses_parameters_without_lora_names(tiny_tokenizer, tmp_path):
+    """What FSDP with use_orig_params=False looks like to the optimizer: no 'lora_B' in any name."""
+    from conftest import tiny_model
+    from transformers import TrainingArguments
+
+    from oloraplus.errors import UserError
+    from oloraplus.trainer import OLoRAPlusTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
+    model = tiny_model("llama")  # trainable, but no LoRA parameter names
+    with pytest.raises(UserError, match="use_orig_params=true"):
+        OLoRAPlusTrainer(model=model, args=args, ratio=4.0).create_optimizer()
+    assert OLoRAPlusTrainer(model=model, args=args, ratio=1.0).create_optimizer() is not None
