@@ -6,6 +6,7 @@ Every user mistake becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import warnings
 import os
 import sys
 
@@ -250,6 +251,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library deprecation notices (transformers/peft internals) are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return run(argv)
     except UserError as exc:
