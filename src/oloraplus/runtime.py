@@ -55,8 +55,6 @@ def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> 
     PEFT's cast of each adapter's input to fp32 is switched off (autocast runs the adapter
     matmuls in bf16 anyway; the adapter weights and their optimiser state stay fp32). This is
     done after the OLoRA init, so W - s*B*A is computed in fp32 and rounded once.
-    On CPU, attention uses the eager implementation: measured faster than SDPA's CPU kernels
-    for Alpaca-length sequences in training (bench/NOTES.md).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -67,10 +65,6 @@ def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> 
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
-    if device == "cpu":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if hasattr(base, "set_attn_implementation"):
-            base.set_attn_implementation("eager")
     return model
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from .adapters import OLoRAPlusConfig, apply_olora
-from .data import Example, load_records, split_records, tokenize_records
+from .data import Example, LengthGroupedSampler, load_records, split_records, tokenize_records
 from .distributed import gather_objects, is_main_process, local_device, per_device_batch_size, world_size
 from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
@@ -310,6 +310,17 @@ def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> in
     return int(per_epoch * steps / steps_per_epoch) if steps_per_epoch else 0
 
 
+class RecipeTrainer(OLoRAPlusTrainer):
+    """``OLoRAPlusTrainer`` with tighter length grouping (see ``data.LengthGroupedSampler``)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, ExampleDataset):
+            return super()._get_train_sampler(train_dataset)
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], global_batch, self.args.seed)
+
+
 def build_trainer(config, model, tokenizer, examples, out: Path, precision: str, device: str) -> OLoRAPlusTrainer:
     args = OLoRAPlusTrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -337,7 +348,7 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used in each forward
         ratio=config.lam,
     )
-    return OLoRAPlusTrainer(
+    return RecipeTrainer(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),

@@ -42,8 +42,6 @@ class OLoRAPlusTrainer(Trainer):
         self.ratio = float(ratio if ratio is not None else getattr(self.args, "ratio", 1.0))
         check_positive("ratio", self.ratio)
         self.head_on_labels_only = head_on_labels_only
-        if head_on_labels_only:
-            self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
         kill_at = os.environ.get(KILL_AT_STEP_ENV)
         if kill_at:
             self.add_callback(_KillAtStep(int(kill_at)))
@@ -96,7 +94,15 @@ class OLoRAPlusTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.head_on_labels_only or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        if num_items_in_batch is None:  # a per-batch mean; the Trainer scales it for accumulation
+            return response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        # Token-weighted over the whole step, as the Trainer does for models that take loss kwargs:
+        # num_items_in_batch counts the label tokens of every micro-batch on every process.
+        loss = response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], reduction="sum")
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return loss
 
 
 @dataclass
