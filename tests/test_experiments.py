@@ -137,10 +137,11 @@ def test_expand_grid_rejects_bad_input():
 
 def test_presets():
     quick = preset_grid("quick").expand()
-    assert len(quick) == 1 * 3 * 3 and {s.model for s in quick} == {"smollm2-135m"}
+    assert len(quick) == 1 * 3 * 2 and {s.model for s in quick} == {"smollm2-135m"}  # 3 arms x 2 seeds
     assert quick[0].flags == {"rank": 32, "alpha": 16, "lr": 3e-4, "epochs": 1, "n_train": 200, "n_eval": 100,
-                              "max_new_tokens": 64}
+                              "max_new_tokens": 32}
     local = preset_grid("local").expand()
+    assert len(local) == 2 * 3 * 3  # 2 models x 3 arms x 3 seeds
     assert {s.model for s in local} == {"smollm2-135m", "gemma3-270m"} and local[0].flags["n_train"] == 1000
     assert PRESETS["paper"].models == ("tinyllama-1.1b", "opt-1.3b", "gemma-2b")
     paper = preset_grid("paper", seeds=1, ratios=[0.25], max_steps=3).expand()
@@ -342,3 +343,30 @@ def test_sweep_and_report_end_to_end_on_tiny_checkpoint(tmp_path, tiny_checkpoin
     assert "OLoRA+ λ=16" in md and "teacher-forced" in md
     assert f"{rows[0]['metrics']['eval_loss']:.4f}" in md
     assert (tmp_path / "rep" / "figure_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(config):
+        calls.append(config.output)
+        out = Path(config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"metrics": {"eval_loss": 1.0 + config.lam, "perplexity": 1, "bleu": 1, "rouge1": 1,
+                               "rouge2": 1, "rougeL": 1}, "config": asdict(config)}
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr("oloraplus.experiments.train", fake_train)
+    first = expand_grid(["m"], ratios=[16.0], seeds=1, n_train=10)
+    run_grid(first, tmp_path / "a", log=lambda _: None)
+    assert len(calls) == 2
+    second = expand_grid(["m"], ratios=[0.25, 16.0], seeds=1, n_train=10)
+    run_grid(second, tmp_path / "b", log=lambda _: None, reuse=[tmp_path / "a"])
+    assert len(calls) == 3  # only the new ratio was trained
+    rows = {r["key"]: r for r in experiments.read_runs(tmp_path / "b" / "runs.jsonl")}
+    assert len(rows) == 3
+    assert (tmp_path / "b" / "runs" / second[-1].folder / "results.json").is_file()
+    other = expand_grid(["m"], ratios=[16.0], seeds=1, n_train=20)  # other settings: not reused
+    run_grid(other, tmp_path / "c", log=lambda _: None, reuse=[tmp_path / "a"])
+    assert len(calls) == 5

@@ -88,7 +88,9 @@ def _add_grid_commands(sub) -> None:
     for p in (reproduce, sweep):
         p.add_argument("--ratios", nargs="+", default=None,
                        help="lambda values beside the baseline, e.g. 1/16 16 (default) or 0.25 4")
-        p.add_argument("--seeds", type=int, default=3 if p is sweep else None, help="seeds 0..N-1 (default 3)")
+        p.add_argument("--seeds", type=int, default=3 if p is sweep else None, help="seeds 0..N-1 (default 3; the quick preset 2)")
+        p.add_argument("--reuse", nargs="+", default=(), metavar="DIR",
+                       help="other grid folders: a finished run with the same settings there is copied, not rerun")
         group = p.add_argument_group("train flags (same meaning as in 'oloraplus train')")
         for flag, kwargs in _GRID_TRAIN_FLAGS:
             group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
@@ -199,7 +201,7 @@ def _grid_command(args) -> int:
         grid = GridSpec(models=args.models, methods=args.methods, seeds=args.seeds, flags=flags,
                         **({"ratios": ratios} if ratios else {}))
         output = args.output
-    return 0 if run_and_report(grid.expand(), output).ok else 1
+    return 0 if run_and_report(grid.expand(), output, reuse=args.reuse).ok else 1
 
 
 def run(argv: list[str] | None = None) -> int:

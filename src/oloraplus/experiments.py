@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
@@ -203,13 +204,15 @@ class Preset:
     description: str
     models: tuple[str, ...]
     flags: dict[str, Any]
+    seeds: int = DEFAULT_SEEDS
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("quick", "smoke test: smallest model, small data", ("smollm2-135m",),
-               {**PAPER_HPARAMS, "n_train": 200, "n_eval": 100, "max_new_tokens": 64}),
+        # Sized to finish in under 15 minutes on 2 CPU cores: 2 seeds, responses cut at 32 tokens.
+        Preset("quick", "smoke test: smallest model, small data, 2 seeds", ("smollm2-135m",),
+               {**PAPER_HPARAMS, "n_train": 200, "n_eval": 100, "max_new_tokens": 32}, seeds=2),
         Preset("local", "two small models at the paper's data sizes (CPU-feasible)",
                ("smollm2-135m", "gemma3-270m"),
                {**PAPER_HPARAMS, "n_train": 1000, "n_eval": 500, "max_new_tokens": 128}),
@@ -234,7 +237,7 @@ def preset_grid(
     return GridSpec(
         models=tuple(models) if models else preset.models,
         ratios=tuple(ratios) if ratios else DEFAULT_RATIOS,
-        seeds=DEFAULT_SEEDS if seeds is None else seeds,
+        seeds=preset.seeds if seeds is None else seeds,
         methods=(BASELINE_METHOD, PLUS_METHOD),
         flags={**preset.flags, **overrides},
     )
@@ -314,12 +317,39 @@ def _record(runs_file: Path, row: dict, known: set[str]) -> None:
     write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def _reuse_finished(spec: RunSpec, reuse: Sequence[Path], target: Path) -> dict | None:
+    """Copy a finished run with the same key and settings from another grid folder, if any.
+
+    So a sweep can share the runs it has in common with ``reproduce`` instead of training them
+    again. The copy is made beside the target and renamed into place, so it appears whole.
+    """
+    for other in reuse:
+        source = Path(other) / "runs" / spec.folder
+        results = _load_results(source / "results.json")
+        if results is None:
+            continue
+        try:
+            _check_existing(spec, results)
+        except UserError:
+            continue  # same key, other settings: not the same run
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, partial, ignore=shutil.ignore_patterns("checkpoints"))
+        partial.rename(target)
+        return results
+    return None
+
+
 def run_grid(
     specs: Sequence[RunSpec],
     output_dir: str | Path,
     log: Callable[[str], None] = print,
+    reuse: Sequence[str | Path] = (),
 ) -> GridOutcome:
     """Run every spec not yet complete into ``output_dir/runs/<folder>``.
+
+    A finished run with the same settings in one of the ``reuse`` grid folders is copied instead.
 
     A failing run is logged, recorded in ``failures.jsonl`` and skipped; the grid goes on.
     Ctrl-C stops the grid; the interrupted run has no results.json and is redone next time.
@@ -352,6 +382,12 @@ def run_grid(
             log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
             outcome.skipped.append(spec.key)
             continue
+        copied = _reuse_finished(spec, [Path(r) for r in reuse], out / rel)
+        if copied is not None:
+            _record(runs_file, run_row(spec, copied, rel), known)
+            log(f"{prefix} ... copied from a finished run (eval_loss {copied['metrics']['eval_loss']:.4f})")
+            outcome.skipped.append(spec.key)
+            continue
         log(f"{prefix} ...")
         start = time.perf_counter()
         try:
@@ -378,14 +414,16 @@ def run_grid(
     return outcome
 
 
-def run_and_report(specs: Sequence[RunSpec], output_dir: str | Path, log: Callable[[str], None] = print) -> GridOutcome:
+def run_and_report(
+    specs: Sequence[RunSpec], output_dir: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = ()
+) -> GridOutcome:
     """Run the grid, then (re)build the report in the same folder from its ``runs.jsonl``.
 
     The report is built even when some runs failed, so finished work is always summarised.
     """
     from .report import build_report
 
-    outcome = run_grid(specs, output_dir, log=log)
+    outcome = run_grid(specs, output_dir, log=log, reuse=reuse)
     runs_file = Path(output_dir) / RUNS_FILE
     if read_runs(runs_file):
         files = build_report(runs_file, output_dir)
