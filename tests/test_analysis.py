@@ -33,15 +33,6 @@ from oloraplus.optim import create_optimizer
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and LAPACK's thread pool stalls on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def basis(n: int, *idx: int) -> torch.Tensor:
     return torch.eye(n, dtype=D)[:, list(idx)]
 

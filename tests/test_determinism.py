@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from oloraplus.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads spinning against other jobs make
-    them ~20x slower; one thread is fastest."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(checkpoint, data, out, seed: int, capsys) -> dict:

@@ -53,12 +53,7 @@ def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, 
     assert launcher.returncode == 0, stderr[-3000:]
     assert stdout.count("wrote ") == 1, "only rank 0 reports and writes"
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(_flags(tiny_checkpoint, records_file, single)) == 0, capsys.readouterr().err
-    finally:
-        torch.set_num_threads(threads)
+    assert main(_flags(tiny_checkpoint, records_file, single)) == 0, capsys.readouterr().err
 
     a = json.loads((single / "results.json").read_text())
     b = json.loads((ddp / "results.json").read_text())

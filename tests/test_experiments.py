@@ -370,3 +370,36 @@ def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path, monkeypatc
     other = expand_grid(["m"], ratios=[16.0], seeds=1, n_train=20)  # other settings: not reused
     run_grid(other, tmp_path / "c", log=lambda _: None, reuse=[tmp_path / "a"])
     assert len(calls) == 5
+
+
+def test_rescore_scores_saved_adapters_in_another_mode(tmp_path, monkeypatch):
+    def fake_train(config):
+        out = Path(config.output)
+        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        results = {"metrics": {"eval_loss": 2.0, "perplexity": 7, "bleu": 1, "rouge1": 1, "rouge2": 1, "rougeL": 1},
+                   "evaluation": {"metrics_mode": config.metrics_mode}, "config": asdict(config)}
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    scored = []
+
+    def fake_evaluate(config, adapter):
+        scored.append((config.metrics_mode, config.seed, Path(adapter).is_dir()))
+        out = Path(config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"metrics": {"eval_loss": 2.0, "perplexity": 7, "bleu": 50, "rouge1": 60, "rouge2": 40,
+                               "rougeL": 55}, "evaluation": {"metrics_mode": config.metrics_mode},
+                   "config": asdict(config)}
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr("oloraplus.experiments.train", fake_train)
+    monkeypatch.setattr("oloraplus.train.evaluate_adapter", fake_evaluate)
+    run_grid(expand_grid(["m"], ratios=[16.0], seeds=2, n_train=10), tmp_path / "grid", log=lambda _: None)
+    outcome = experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", seeds=[0],
+                                       log=lambda _: None)
+    assert outcome.ok and sorted(scored) == [("teacher-forced", 0, True)] * 2  # two arms of seed 0
+    rows = experiments.read_runs(tmp_path / "tf" / "runs.jsonl")
+    assert {r["metrics_mode"] for r in rows} == {"teacher-forced"} and {r["seed"] for r in rows} == {0}
+    experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", seeds=[0], log=lambda _: None)
+    assert len(scored) == 2 and len(experiments.read_runs(tmp_path / "tf" / "runs.jsonl")) == 2  # resumed

@@ -23,16 +23,6 @@ from oloraplus.evaluation import collate
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads spinning against other jobs make
-    them ~20x slower, one thread is fastest (and the same in every process of a test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _base(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 

@@ -25,16 +25,6 @@ from oloraplus.trainer import KILL_AT_STEP_ENV
 RATIO = 4.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads spinning against other jobs make
-    them ~20x slower, one thread is fastest (and the same in every process of a test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _flags(checkpoint: Path, data: Path, out: Path) -> list[str]:
     return ["train", "--model", str(checkpoint), "--data", str(data), "--output", str(out),
             "--method", "olora-plus", "--ratio", str(RATIO), "--rank", "4", "--lr", "5e-3",

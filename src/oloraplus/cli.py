@@ -98,6 +98,11 @@ def _add_grid_commands(sub) -> None:
                            default=argparse.SUPPRESS, help="random batches (slower)")
         group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                            help="no progress bars")
+    rescore = sub.add_parser("rescore", help="score a grid's saved adapters again in another metrics mode (no training)")
+    rescore.add_argument("dir", metavar="DIR", help="grid folder with runs.jsonl and run folders with adapters")
+    rescore.add_argument("--metrics-mode", choices=["generation", "teacher-forced"], required=True)
+    rescore.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
+    rescore.add_argument("--output", required=True, help="grid folder to write (runs.jsonl, run folders, report)")
     report = sub.add_parser("report", help="tables and figures from a grid folder's runs.jsonl")
     report.add_argument("dir", metavar="DIR", help="grid folder (or its runs.jsonl)")
     report.add_argument("--output", default=None, help="where to write the report (default DIR)")
@@ -178,18 +183,27 @@ def _print_metrics(results: dict, output: str) -> None:
     print(f"wrote {os.path.join(output, 'results.json')}")
 
 
-def _grid_command(args) -> int:
-    """Hand a parsed reproduce/sweep/report command to experiments.py / report.py."""
-    if args.command == "report":
-        from .report import build_report
+def _write_report(source: str, output: str) -> None:
+    from .report import build_report
 
+    files = build_report(source, output)
+    for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio):
+        if path is not None:
+            print(f"wrote {path}")
+
+
+def _grid_command(args) -> int:
+    """Hand a parsed reproduce/sweep/rescore/report command to experiments.py / report.py."""
+    if args.command == "report":
         source = args.dir
-        output = args.output or (source if os.path.isdir(source) else os.path.dirname(source) or ".")
-        files = build_report(source, output)
-        for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio):
-            if path is not None:
-                print(f"wrote {path}")
+        _write_report(source, args.output or (source if os.path.isdir(source) else os.path.dirname(source) or "."))
         return 0
+    if args.command == "rescore":
+        from .experiments import rescore_grid
+
+        outcome = rescore_grid(args.dir, args.output, args.metrics_mode, args.seeds)
+        _write_report(args.output, args.output)
+        return 0 if outcome.ok else 1
     from .experiments import TRAIN_FLAGS, GridSpec, parse_ratio, preset_grid, run_and_report
 
     flags = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
@@ -210,7 +224,7 @@ def run(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if args.command in ("reproduce", "sweep", "report"):
+    if args.command in ("reproduce", "sweep", "rescore", "report"):
         return _grid_command(args)
     if args.command == "train":
         from .train import train

@@ -414,6 +414,51 @@ def run_grid(
     return outcome
 
 
+def rescore_grid(
+    source: str | Path,
+    output_dir: str | Path,
+    metrics_mode: str,
+    seeds: Sequence[int] | None = None,
+    log: Callable[[str], None] = print,
+) -> GridOutcome:
+    """Score the saved adapters of a grid again in another metrics mode, without training.
+
+    Each run of ``source/runs.jsonl`` (only ``seeds`` if given) is re-evaluated with
+    ``oloraplus evaluate`` semantics (same split, same model) into ``output_dir/runs/<folder>``,
+    and gets its line in ``output_dir/runs.jsonl``; resumable like :func:`run_grid`.
+    """
+    from .train import evaluate_adapter
+
+    source, out = Path(source), Path(output_dir)
+    rows = [r for r in read_runs(source / RUNS_FILE) if seeds is None or r.get("seed") in set(seeds)]
+    if not rows:
+        raise UserError(f"{source / RUNS_FILE} lists no finished run to rescore")
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / RUNS_FILE
+    known = {r.get("key") for r in read_runs(runs_file)}
+    outcome = GridOutcome()
+    for i, row in enumerate(sorted(rows, key=lambda r: r["key"]), start=1):
+        spec = RunSpec(row["model"], row["method"], row["ratio"], row["seed"],
+                       {**row.get("flags", {}), "metrics_mode": metrics_mode})
+        prefix, rel = f"[{i}/{len(rows)}] {spec.label} ({metrics_mode})", f"runs/{spec.folder}"
+        results = _load_results(out / rel / "results.json")
+        if results is None:
+            log(f"{prefix} ...")
+            try:
+                results = evaluate_adapter(spec.config(out / rel), str(source / row["run_dir"] / "adapter"))
+            except Exception as exc:  # like run_grid: one broken run does not stop the rest
+                log(f"{prefix} ... FAILED: {type(exc).__name__}: {exc}".splitlines()[0])
+                outcome.failed.append(spec.key)
+                continue
+            outcome.done.append(spec.key)
+        else:
+            outcome.skipped.append(spec.key)
+            if spec.key in known:
+                continue
+        _record(runs_file, run_row(spec, results, rel), known)
+    return outcome
+
+
 def run_and_report(
     specs: Sequence[RunSpec], output_dir: str | Path, log: Callable[[str], None] = print, reuse: Sequence[str | Path] = ()
 ) -> GridOutcome:
