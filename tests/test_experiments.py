@@ -403,3 +403,27 @@ def test_rescore_scores_saved_adapters_in_another_mode(tmp_path, monkeypatch):
     assert {r["metrics_mode"] for r in rows} == {"teacher-forced"} and {r["seed"] for r in rows} == {0}
     experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", seeds=[0], log=lambda _: None)
     assert len(scored) == 2 and len(experiments.read_runs(tmp_path / "tf" / "runs.jsonl")) == 2  # resumed
+
+
+def test_track_dynamics_applies_to_chosen_seeds_and_does_not_block_resume(tmp_path, monkeypatch):
+    specs = GridSpecForTest(track_dynamics=5).expand()
+    tracked = {(s.seed, s.flags.get("track_dynamics")) for s in specs}
+    assert tracked == {(0, 5), (1, None)}
+    monkeypatch.setattr("oloraplus.experiments.train", _fake_results_train)
+    run_grid(specs, tmp_path / "g", log=lambda _: None)
+    # The same grid without tracking counts those runs as done (tracking does not change results).
+    outcome = run_grid(GridSpecForTest().expand(), tmp_path / "g", log=lambda _: None)
+    assert not outcome.done and len(outcome.skipped) == len(specs)
+
+
+def GridSpecForTest(**flags):
+    return experiments.GridSpec(models=["m"], ratios=[16.0], seeds=2, flags={"n_train": 10, **flags})
+
+
+def _fake_results_train(config):
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"metrics": {"eval_loss": 1.0, "perplexity": 1, "bleu": 1, "rouge1": 1, "rouge2": 1, "rougeL": 1},
+               "config": asdict(config)}
+    (out / "results.json").write_text(json.dumps(results))
+    return results

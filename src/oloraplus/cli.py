@@ -98,6 +98,9 @@ def _add_grid_commands(sub) -> None:
                            default=argparse.SUPPRESS, help="random batches (slower)")
         group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                            help="no progress bars")
+        group.add_argument("--track-dynamics", type=int, default=argparse.SUPPRESS, metavar="K",
+                           help="record adapter drift every K steps (dynamics.jsonl) in the runs of --track-seeds")
+        group.add_argument("--track-seeds", type=int, nargs="+", default=[0], help="seeds whose runs track dynamics")
     rescore = sub.add_parser("rescore", help="score a grid's saved adapters again in another metrics mode (no training)")
     rescore.add_argument("dir", metavar="DIR", help="grid folder with runs.jsonl and run folders with adapters")
     rescore.add_argument("--metrics-mode", choices=["generation", "teacher-forced"], required=True)
@@ -210,10 +213,11 @@ def _grid_command(args) -> int:
     ratios = [parse_ratio(r) for r in args.ratios] if args.ratios else None
     if args.command == "reproduce":
         grid = preset_grid(args.preset, args.models, ratios, args.seeds, **flags)
+        grid.track_seeds = tuple(args.track_seeds)
         output = args.output or os.path.join("runs", args.preset)
     else:
         grid = GridSpec(models=args.models, methods=args.methods, seeds=args.seeds, flags=flags,
-                        **({"ratios": ratios} if ratios else {}))
+                        track_seeds=tuple(args.track_seeds), **({"ratios": ratios} if ratios else {}))
         output = args.output
     return 0 if run_and_report(grid.expand(), output, reuse=args.reuse).ok else 1
 

@@ -39,8 +39,8 @@ DEFAULT_SEEDS = 3
 # TrainConfig fields a grid sets itself; everything else is a "train flag".
 _GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite"}
 TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
-# Flags that change speed, not results: a resumed grid may change them freely.
-_SPEED_ONLY_FLAGS = {"progress", "eval_batch_size", "generation_batch_size"}
+# Flags that change speed or what is observed, not results: a resumed grid may change them freely.
+_SPEED_ONLY_FLAGS = {"progress", "eval_batch_size", "generation_batch_size", "track_dynamics", "save_steps", "resume"}
 
 RUNS_FILE = "runs.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -130,6 +130,7 @@ class GridSpec:
     seeds: Sequence[int] | int = DEFAULT_SEEDS
     methods: Sequence[str] = (BASELINE_METHOD, PLUS_METHOD)
     flags: dict[str, Any] = field(default_factory=dict)
+    track_seeds: Sequence[int] = (0,)  # a "track_dynamics" flag applies to these seeds' runs only
 
     def arms(self) -> list[tuple[str, float]]:
         """(method, ratio) pairs: single-rate methods first, then ascending ratio."""
@@ -171,8 +172,11 @@ class GridSpec:
         arms = self.arms()
         if not arms:
             raise UserError("the grid is empty: give --methods and --ratios")
+        flags = dict(self.flags)
+        track = flags.pop("track_dynamics", None)
         return [
-            RunSpec(model, method, ratio, seed, dict(self.flags))
+            RunSpec(model, method, ratio, seed,
+                    {**flags, "track_dynamics": track} if track and seed in self.track_seeds else dict(flags))
             for model in models
             for seed in self.seed_list()
             for method, ratio in arms
