@@ -14,8 +14,6 @@ from oloraplus.errors import UserError
 from oloraplus.report import (
     PAPER_TABLES,
     build_report,
-    regularized_beta,
-    student_t_cdf,
     student_t_ppf,
     summarize,
 )
@@ -67,17 +65,6 @@ def test_t_quantiles_match_tables_and_closed_forms():
         assert student_t_ppf(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
         assert student_t_ppf(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
         assert student_t_ppf(1 - p, 7) == pytest.approx(-student_t_ppf(p, 7), rel=1e-9)
-    assert student_t_cdf(0.0, 5) == pytest.approx(0.5)
-
-
-def test_regularized_beta_closed_forms():
-    for x in (0.01, 0.3, 0.5, 0.77, 0.99):
-        assert regularized_beta(x, 2.5, 1.0) == pytest.approx(x ** 2.5, rel=1e-10)
-        assert regularized_beta(x, 1.0, 3.5) == pytest.approx(1 - (1 - x) ** 3.5, rel=1e-10)
-        assert regularized_beta(x, 0.5, 0.5) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-9)
-
-
-# ----------------------------------------------------------------------------- statistics
 
 
 def test_summary_means_stds_and_paired_intervals_match_hand_computation():

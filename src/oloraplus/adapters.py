@@ -15,6 +15,7 @@ base model (B*A is the projection of W onto its first r columns, whatever the QR
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -178,3 +179,13 @@ def apply_olora(model: torch.nn.Module, config: OLoRAPlusConfig | None = None) -
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA layer of a PEFT model by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def load_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved PEFT adapter folder (safetensors or .bin), on the CPU."""
+    from peft.utils import load_peft_weights
+
+    try:
+        return load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as exc:
+        raise UserError(f"cannot read the adapter weights in {adapter_dir}: {exc}") from exc

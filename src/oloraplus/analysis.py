@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .adapters import olora_factors
+from .adapters import load_adapter_weights, olora_factors
 from .errors import UserError, check_positive
 from .files import append_jsonl_atomic, write_json_atomic
 
@@ -385,18 +385,6 @@ def analyze_adapter(
 # --------------------------------------------------------------------------- run folders
 
 
-def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a PEFT adapter folder (safetensors, or the older .bin)."""
-    st, binary = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
-    if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise UserError(f"{adapter_dir} holds no adapter_model.safetensors; is it a PEFT adapter folder?")
-
-
 @dataclass
 class RunInfo:
     """What analysis needs to know about one training run folder."""
@@ -467,7 +455,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, device: str | N
         for i, info in enumerate(infos):
             if info.model != model_name:
                 continue
-            state = load_adapter_state(info.adapter_dir)
+            state = load_adapter_weights(info.adapter_dir)
             weights = _base_weights(model, adapter_factors(state))
             result = analyze_adapter(weights, state, info.rank, info.alpha, info.init)
             entries[i] = {

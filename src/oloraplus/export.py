@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import olora_factors
+from .adapters import load_adapter_weights, olora_factors
 from .errors import UserError
 
 EXPORT_TARGETS = ("lora", "merged")
@@ -71,9 +71,9 @@ def export_adapter(model: str, adapter: str, to: str, output: str, overwrite: bo
 
     base, tokenizer = load_model(model)  # float32, untouched
     if init == "olora":
-        weights, config = to_standard_lora(base, _load_weights(adapter_dir), config, where=str(adapter_dir))
+        weights, config = to_standard_lora(base, load_adapter_weights(adapter_dir), config, where=str(adapter_dir))
     else:
-        weights = _load_weights(adapter_dir)
+        weights = load_adapter_weights(adapter_dir)
 
     with _staged(out, overwrite) as tmp:
         if to == "lora":
@@ -140,15 +140,6 @@ def merge_lora(base: torch.nn.Module, weights: dict[str, torch.Tensor], config) 
             f"{len(result.unexpected_keys)} unexpected"
         )
     return peft_model.merge_and_unload()
-
-
-def _load_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from peft.utils import load_peft_weights
-
-    try:
-        return load_peft_weights(str(adapter_dir), device="cpu")
-    except Exception as exc:
-        raise UserError(f"cannot read the weights in {adapter_dir}: {exc}") from exc
 
 
 def _module_path(prefix: str) -> str:
