@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from .errors import UserError
 from .files import append_jsonl_atomic, write_text_atomic
 from .report import read_runs
-from .train import METHODS, TrainConfig, train
+from .train import METHODS, RESULT_NEUTRAL_FLAGS, TrainConfig, train
 
 BASELINE_METHOD = "olora"
 PLUS_METHOD = "olora-plus"
@@ -39,8 +39,6 @@ DEFAULT_SEEDS = 3
 # TrainConfig fields a grid sets itself; everything else is a "train flag".
 _GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite"}
 TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
-# Flags that change speed or what is observed, not results: a resumed grid may change them freely.
-_SPEED_ONLY_FLAGS = {"progress", "eval_batch_size", "generation_batch_size", "track_dynamics", "save_steps", "resume"}
 
 RUNS_FILE = "runs.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -272,7 +270,7 @@ def _load_results(path: Path) -> dict | None:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _SPEED_ONLY_FLAGS | {"output", "overwrite"}}
+    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FLAGS}
 
 
 def _check_existing(spec: RunSpec, results: dict) -> None:

@@ -167,9 +167,10 @@ def prepare_output(output: str, overwrite: bool, resume: bool = False) -> Path:
 
 CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/checkpoint-N, written by the Trainer
 RUN_CONFIG = "run_config.json"  # OUTPUT/checkpoints/run_config.json: the flags the checkpoints belong to
-# Flags that do not change the training trajectory: a resumed run may change them.
-_RESUME_FREE = {"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
-                "eval_batch_size", "generation_batch_size"}
+# Flags that change where, how fast or what is observed, not the results: a resumed run (or a
+# resumed grid) may change them.
+RESULT_NEUTRAL_FLAGS = frozenset({"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
+                                  "eval_batch_size", "generation_batch_size"})
 
 
 def resume_checkpoint(config: TrainConfig) -> str | None:
@@ -209,7 +210,7 @@ def _check_same_run(path: Path, config: TrainConfig) -> None:
     except (OSError, ValueError):
         return  # no record of the flags: trust the user
     now = asdict(config)
-    differ = sorted(k for k in now if k in stored and k not in _RESUME_FREE and stored[k] != now[k])
+    differ = sorted(k for k in now if k in stored and k not in RESULT_NEUTRAL_FLAGS and stored[k] != now[k])
     if differ:
         detail = ", ".join(f"{k}: {stored[k]!r} there, {now[k]!r} now" for k in differ)
         raise UserError(f"--resume with other flags than the interrupted run ({detail}); use the same flags")
