@@ -11,6 +11,9 @@ Three things make this fast without changing what is measured:
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -181,9 +184,6 @@ def evaluate_model(
     Returns ``(metrics, predictions, timings)``; ``predictions`` holds one dict per example
     with the prompt, the reference and the prediction.
     """
-    import math
-    import time
-
     t0 = time.perf_counter()
     loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, progress)
     t1 = time.perf_counter()
