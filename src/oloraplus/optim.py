@@ -62,7 +62,3 @@ def create_optimizer(
         raise UserError("the model has no trainable parameters")
     return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
-
-def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Current learning rate of each named group (for logging and checks)."""
-    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
