@@ -107,25 +107,56 @@ def generate_responses(
     new_tokens = 0
     for idx in tqdm(_length_sorted_batches(fake, batch_size), desc="generate", disable=not progress):
         batch = collate([fake[i] for i in idx], tokenizer.pad_token_id, left=True)
-        width = batch["input_ids"].shape[1]
-        generated = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=eos_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )[:, width:].cpu()
-        for row, i in zip(generated, idx):
-            tokens = _until_eos(row.tolist(), eos_ids)
+        generated = greedy_decode(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens, eos_ids
+        )
+        for tokens, i in zip(generated, idx):
             new_tokens += len(tokens)
             outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return outputs, new_tokens
+
+
+@torch.no_grad()
+def greedy_decode(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_ids: list[int]
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch that drops each row (and its KV cache) once it ends.
+
+    ``model.generate`` keeps finished rows in the batch until the longest one ends; with
+    Alpaca's spread of response lengths that is 40% of the decoding work spent on padding.
+    Returns the new tokens per row, up to and including the first EOS.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    rows = torch.arange(input_ids.shape[0])
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids = input_ids
+    for step in range(max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        token = logits.argmax(-1)
+        for row, t in zip(rows.tolist(), token.tolist()):
+            new[row].append(t)
+        done = torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, attention_mask, positions = rows[keep.cpu()], token[keep], attention_mask[keep], positions[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        step_ids = token[:, None]
+    return new
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
