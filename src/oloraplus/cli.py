@@ -109,6 +109,8 @@ def _add_grid_commands(sub) -> None:
     report = sub.add_parser("report", help="tables and figures from a grid folder's runs.jsonl")
     report.add_argument("dir", metavar="DIR", help="grid folder (or its runs.jsonl)")
     report.add_argument("--output", default=None, help="where to write the report (default DIR)")
+    report.add_argument("--analysis", nargs="+", default=None, metavar="FILE",
+                        help="analysis.json files for the regime section (default DIR/analysis/analysis.json)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,11 +188,12 @@ def _print_metrics(results: dict, output: str) -> None:
     print(f"wrote {os.path.join(output, 'results.json')}")
 
 
-def _write_report(source: str, output: str) -> None:
+def _write_report(source: str, output: str, analyses: list[str] | None = None) -> None:
     from .report import build_report
 
-    files = build_report(source, output)
-    for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio):
+    files = build_report(source, output, analyses)
+    for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio,
+                 files.figure_dynamics, files.figure_drift_ratio):
         if path is not None:
             print(f"wrote {path}")
 
@@ -199,7 +202,8 @@ def _grid_command(args) -> int:
     """Hand a parsed reproduce/sweep/rescore/report command to experiments.py / report.py."""
     if args.command == "report":
         source = args.dir
-        _write_report(source, args.output or (source if os.path.isdir(source) else os.path.dirname(source) or "."))
+        _write_report(source, args.output or (source if os.path.isdir(source) else os.path.dirname(source) or "."),
+                      args.analysis)
         return 0
     if args.command == "rescore":
         from .experiments import rescore_grid

@@ -412,7 +412,8 @@ def _best_section(summary: Summary) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(summary: Summary, source_name: str = "runs.jsonl") -> str:
+def render_markdown(summary: Summary, source_name: str = "runs.jsonl", extra: list[str] | None = None) -> str:
+    """The report; ``extra`` (e.g. the regime section) goes before the list of files."""
     lines = [
         "# OLoRA+ reproduction report",
         "",
@@ -446,6 +447,7 @@ def render_markdown(summary: Summary, source_name: str = "runs.jsonl") -> str:
                "y axes zoomed, not from 0)"]
     if _ratio_curves(summary):
         figures.append("figure_ratio.png (metrics against log2 λ; band = min-max over seeds)")
+    lines += extra or []
     lines += ["## Files", ""] + [f"- {f}" for f in ["results.csv", "tables.tex"] + figures] + [""]
     return "\n".join(lines)
 
@@ -617,10 +619,24 @@ class ReportFiles:
     latex: Path
     figure_metrics: Path
     figure_ratio: Path | None
+    figure_dynamics: Path | None = None
+    figure_drift_ratio: Path | None = None
 
 
-def build_report(runs_jsonl: str | Path, output_dir: str | Path) -> ReportFiles:
-    """Write report.md, results.csv, tables.tex and the figures into ``output_dir``."""
+def _optional_figure(path: Path, written: bool) -> Path | None:
+    if not written:
+        path.unlink(missing_ok=True)  # a stale one from an earlier, larger grid
+    return path if written else None
+
+
+def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[str | Path] | None = None) -> ReportFiles:
+    """Write report.md, results.csv, tables.tex and the figures into ``output_dir``.
+
+    ``analyses``: ``analysis.json`` files for the regime section (default: ``DIR/analysis/analysis.json``
+    when it exists); run folders' ``dynamics.jsonl`` files are found through ``runs.jsonl``.
+    """
+    from .regimes import collect, plot_drift_vs_ratio, plot_dynamics, render_section
+
     runs_jsonl = Path(runs_jsonl)
     if runs_jsonl.is_dir():
         runs_jsonl = runs_jsonl / "runs.jsonl"
@@ -629,16 +645,25 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path) -> ReportFiles:
     rows = read_runs(runs_jsonl)
     if not rows:
         raise UserError(f"{runs_jsonl} holds no finished runs yet")
+    if analyses is None:
+        default = runs_jsonl.parent / "analysis" / "analysis.json"
+        analyses = [default] if default.is_file() else []
+    for path in analyses:
+        if not Path(path).is_file():
+            raise UserError(f"--analysis {path} not found; write it with 'oloraplus analyze RUN_DIR ... --output DIR'")
     summary = summarize(rows)
+    regimes = collect(summary.rows, runs_jsonl.parent, [Path(p) for p in analyses])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(out / "report.md", out / "results.csv", out / "tables.tex", out / "figure_metrics.png",
                         out / "figure_ratio.png")
-    write_text_atomic(files.markdown, render_markdown(summary, runs_jsonl.name))
+    plot_metrics(summary, files.figure_metrics)
+    files.figure_ratio = _optional_figure(files.figure_ratio, plot_ratio(summary, files.figure_ratio))
+    files.figure_dynamics = _optional_figure(out / "figure_dynamics.png", plot_dynamics(regimes, out / "figure_dynamics.png"))
+    files.figure_drift_ratio = _optional_figure(
+        out / "figure_drift_ratio.png", plot_drift_vs_ratio(regimes, out / "figure_drift_ratio.png"))
+    regime_figures = [f.name for f in (files.figure_dynamics, files.figure_drift_ratio) if f is not None]
+    write_text_atomic(files.markdown, render_markdown(summary, runs_jsonl.name, render_section(regimes, regime_figures)))
     write_text_atomic(files.csv, render_csv(summary))
     write_text_atomic(files.latex, render_latex(summary))
-    plot_metrics(summary, files.figure_metrics)
-    if not plot_ratio(summary, files.figure_ratio):
-        files.figure_ratio.unlink(missing_ok=True)  # a stale one from an earlier, larger grid
-        files.figure_ratio = None
     return files

@@ -1,0 +1,228 @@
+"""The report's regime section: what each λ did to the adapter, per model, over seeds.
+
+Built from two kinds of files that ``oloraplus analyze`` and ``--track-dynamics`` write:
+``analysis.json`` (one aggregate per finished run: B's subspace drift from Q_r, relative
+changes of B and A, ...) and each run folder's ``dynamics.jsonl`` (the same aggregates every K
+steps). Runs are matched to ``runs.jsonl`` rows by (model, method, ratio, seed), so an analysis
+made in another folder (or of reused runs) still lands on the right row.
+
+Like the rest of the report this never imports torch, and the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .report import Arm, _md_table, _save_png
+
+# (key in an aggregate, column title, decimals or None for 3 significant digits); "attention:"/"mlp:" read the per-layer-type means.
+REGIME_METRICS: tuple[tuple[str, str, int | None], ...] = (
+    ("b_subspace_drift", "B drift", None),
+    ("attention:b_subspace_drift", "B drift (attn)", None),
+    ("mlp:b_subspace_drift", "B drift (MLP)", None),
+    ("b_rel_change", "‖ΔB‖/‖B₀‖", None),
+    ("a_rel_change", "‖ΔA‖/‖A₀‖", None),
+    ("b_orthonormality_error", "‖BᵀB−I‖", None),
+    ("update_effective_rank", "update eff. rank", 1),
+    ("update_in_top_subspace", "update in top-r of W", None),
+)
+DYNAMICS_METRICS = ("b_subspace_drift", "b_rel_change")
+REGIME_DEFINITIONS = (
+    "B drift: mean sin² of the principal angles between span(B_T) and span(B_0 = Q_r), 0 = same "
+    "subspace, about {random} for a random subspace of the same size. ‖ΔB‖/‖B₀‖, ‖ΔA‖/‖A₀‖: relative "
+    "Frobenius change of the factors. ‖BᵀB−I‖: how far B_T is from orthonormal columns (0 at init). "
+    "Update: s·(B_T A_T − B_0 A_0), its effective rank (exp of the entropy of its normalised singular "
+    "values) and the share of its energy in the top-r left singular subspace of the original W. "
+    "Means over all adapted layers of a run, then mean ± std over seeds."
+)
+
+
+def _key(model, method, ratio, seed) -> tuple:
+    return (str(model), str(method), float(ratio), seed)
+
+
+def metric_value(aggregate: dict, key: str) -> float | None:
+    """One value of an aggregate; ``attention:x`` and ``mlp:x`` read the per-layer-type means."""
+    if ":" in key:
+        kind, name = key.split(":", 1)
+        value = (aggregate.get("by_layer_type") or {}).get(kind, {}).get(name)
+    else:
+        value = aggregate.get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def read_analyses(paths: list[Path]) -> dict[tuple, dict]:
+    """Aggregates by (model, method, ratio, seed) from ``analysis.json`` files (later files win)."""
+    found: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data["runs"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}: not an analysis.json written by 'oloraplus analyze' ({exc})") from exc
+        for e in entries:
+            if e and e.get("aggregate"):
+                found[_key(e["model"], e["method"], e["ratio"], e["seed"])] = {**e["aggregate"], "init": e.get("init")}
+    return found
+
+
+def read_dynamics(path: Path) -> list[dict]:
+    """Rows of one ``dynamics.jsonl``, by step (a torn last line from a killed run is skipped)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return sorted((r for r in rows if "step" in r), key=lambda r: r["step"])
+
+
+@dataclass
+class RegimeStats:
+    """One model x arm: the analysis aggregates over its seeds."""
+
+    model: str
+    method: str
+    ratio: float
+    seeds: list
+    values: dict[str, list[float]]  # metric -> values of the seeds that have it
+
+    def mean(self, key: str) -> float | None:
+        vals = self.values.get(key) or []
+        return statistics.fmean(vals) if vals else None
+
+    def std(self, key: str) -> float | None:
+        vals = self.values.get(key) or []
+        return statistics.stdev(vals) if len(vals) > 1 else None
+
+
+@dataclass
+class Regimes:
+    """The regime data of one report: analysis stats per model and dynamics curves per run."""
+
+    stats: dict[str, list[RegimeStats]]  # model -> arms (in the report's arm order)
+    dynamics: dict[str, list[tuple[str, float, object, list[dict]]]]  # model -> (method, ratio, seed, rows)
+    random_drift: float | None
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.stats.values()) and not any(self.dynamics.values())
+
+
+def _arm(method: str, ratio: float) -> Arm:
+    return Arm.of(method, ratio)
+
+
+def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Regimes:
+    """Match analyses and dynamics files to the report's rows (``run_dir`` is relative to ``grid_dir``)."""
+    analyses = read_analyses(analysis_paths)
+    stats: dict[str, list[RegimeStats]] = {}
+    dynamics: dict[str, list] = {}
+    random_drift = None
+    for model in dict.fromkeys(r["model"] for r in rows):
+        groups: dict[tuple, list[tuple]] = {}
+        for r in rows:
+            if r["model"] != model:
+                continue
+            agg = analyses.get(_key(model, r["method"], r["ratio"], r["seed"]))
+            if agg is not None:
+                groups.setdefault((r["method"], float(r["ratio"])), []).append((r["seed"], agg))
+                random_drift = random_drift if random_drift is not None else agg.get("b_subspace_drift_random_baseline")
+            dyn = grid_dir / str(r.get("run_dir", "")) / "dynamics.jsonl"
+            if r.get("run_dir") and dyn.is_file():
+                curve = read_dynamics(dyn)
+                if curve:
+                    dynamics.setdefault(model, []).append((r["method"], float(r["ratio"]), r["seed"], curve))
+        stats[model] = [
+            RegimeStats(model, method, ratio, [s for s, _ in group], {
+                key: [v for v in (metric_value(agg, key) for _, agg in group) if v is not None]
+                for key, _, _ in REGIME_METRICS
+            })
+            for (method, ratio), group in sorted(groups.items(), key=lambda kv: _arm(*kv[0]))
+        ]
+        dynamics.get(model, []).sort(key=lambda d: (_arm(d[0], d[1]), str(d[2])))
+    return Regimes(stats, dynamics, random_drift)
+
+
+def _cell(s: RegimeStats, key: str, decimals: int | None) -> str:
+    mean, std = s.mean(key), s.std(key)
+    if mean is None:
+        return "-"
+    if decimals is None:  # spans orders of magnitude across λ: three significant digits
+        return f"{mean:.3g}" + (f" ± {std:.2g}" if std is not None else "")
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+
+
+def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
+    """The markdown regime section: one table per model, then the figures."""
+    if regimes.empty:
+        return []
+    random = f"{regimes.random_drift:.2f}" if regimes.random_drift is not None else "0.9"
+    out = ["## Regimes: what each λ does to the adapter", "", REGIME_DEFINITIONS.format(random=random), ""]
+    for model, arms in regimes.stats.items():
+        if not arms:
+            continue
+        out += [f"### {model}", ""]
+        header = ["Method", "seeds", *(title for _, title, _ in REGIME_METRICS)]
+        rows = [[_arm(s.method, s.ratio).label, str(len(s.seeds)), *(_cell(s, k, d) for k, _, d in REGIME_METRICS)]
+                for s in arms]
+        out += _md_table(header, rows, ["---", "---:", *["---:"] * len(REGIME_METRICS)]) + [""]
+    for name in figures:
+        out += [f"![{name}]({name})", ""]
+    return out
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_dynamics(regimes: Regimes, path: Path) -> bool:
+    """Drift and relative change of B over training steps, one line per tracked run."""
+    models = [m for m, curves in regimes.dynamics.items() if curves]
+    if not models:
+        return False
+    fig = _figure(5.0 * len(DYNAMICS_METRICS), 3.0 * len(models))
+    axes = fig.subplots(len(models), len(DYNAMICS_METRICS), squeeze=False)
+    for row, model in enumerate(models):
+        for col, key in enumerate(DYNAMICS_METRICS):
+            ax = axes[row][col]
+            for method, ratio, seed, curve in regimes.dynamics[model]:
+                points = [(r["step"], r[key]) for r in curve if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), "-o", ms=2, lw=1.2, label=f"{_arm(method, ratio).label} (seed {seed})")
+            ax.set_yscale("symlog", linthresh=1e-4)
+            ax.set_xlabel("training step")
+            ax.set_title(f"{model}: {'B subspace drift' if key == 'b_subspace_drift' else '‖ΔB‖/‖B₀‖'}", fontsize=9)
+            ax.legend(fontsize=6)
+    _save_png(fig, path)
+    return True
+
+
+def plot_drift_vs_ratio(regimes: Regimes, path: Path) -> bool:
+    """Drift and relative change of B against log2 λ, mean and min-max band over seeds."""
+    models = [m for m, arms in regimes.stats.items() if len({s.ratio for s in arms}) > 2]
+    if not models:
+        return False
+    fig = _figure(5.0 * len(DYNAMICS_METRICS), 3.0)
+    axes = fig.subplots(1, len(DYNAMICS_METRICS), squeeze=False)[0]
+    for ax, key in zip(axes, DYNAMICS_METRICS):
+        for model in models:
+            arms = sorted((s for s in regimes.stats[model] if s.values.get(key)), key=lambda s: s.ratio)
+            xs = [math.log2(s.ratio) for s in arms]
+            (line,) = ax.plot(xs, [s.mean(key) for s in arms], "-o", ms=3, label=model)
+            ax.fill_between(xs, [min(s.values[key]) for s in arms], [max(s.values[key]) for s in arms],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_yscale("log")
+        ax.axvline(0.0, color="k", lw=0.5, ls=":")
+        ax.set_xlabel("log2 λ (λ = lr_B / lr_A; 0 = OLoRA)")
+        ax.set_title("B subspace drift" if key == "b_subspace_drift" else "‖ΔB‖/‖B₀‖", fontsize=9)
+        ax.legend(fontsize=7)
+    _save_png(fig, path)
+    return True
