@@ -59,6 +59,12 @@ class FakeTrain:
         return results
 
 
+@pytest.fixture(autouse=True)
+def no_data_check(monkeypatch):
+    """The fake runs read no data: skip the grid's up-front data-file check (tested on its own below)."""
+    monkeypatch.setattr(experiments, "local_data_file", lambda data: None)
+
+
 @pytest.fixture
 def fake(monkeypatch) -> FakeTrain:
     f = FakeTrain()
@@ -286,6 +292,19 @@ def test_invalid_config_fails_before_any_run(tmp_path, fake):
     with pytest.raises(UserError, match="n-train"):
         run_grid(expand_grid(["m"], n_train=0), tmp_path, log=lambda s: None)
     assert fake.calls == []
+
+
+def test_missing_data_file_fails_the_grid_once_before_any_run(tmp_path, fake, monkeypatch, capsys):
+    monkeypatch.undo()  # the real data check
+    monkeypatch.setattr(experiments, "train", fake)
+    specs = expand_grid(**SPECS_ARGS, data=str(tmp_path / "nope.json"))
+    with pytest.raises(UserError, match="data file not found"):
+        run_grid(specs, tmp_path / "grid", log=lambda s: None)
+    assert fake.calls == [] and not (tmp_path / "grid").exists()
+    argv = ["sweep", "--models", "tiny", "--seeds", "1", "--data", str(tmp_path / "nope.json"), "--output", str(tmp_path / "g")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data file not found")
 
 
 def test_cli_sweep_parses_ratios_and_exits_nonzero_on_failure(tmp_path, monkeypatch, capsys):

@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
+from .data import DEFAULT_DATA
+
 
 
 @dataclass
 class BenchConfig:
     model: str = "smollm2-135m"
-    data: str = "../shared/data/alpaca/alpaca_data.json"
+    data: str = DEFAULT_DATA
     n_train: int = 256
     n_eval: int = 64
     batch_size: int = 8

@@ -10,12 +10,13 @@ import warnings
 import os
 import sys
 
+from .data import DEFAULT_DATA
 from .errors import UserError
 
 
 def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name, hub id, checkpoint folder or .gguf file")
-    p.add_argument("--data", default="../shared/data/alpaca/alpaca_data.json",
+    p.add_argument("--data", default=DEFAULT_DATA,
                    help="Alpaca .json/.jsonl file or hub dataset id (e.g. tatsu-lab/alpaca)")
     p.add_argument("--output", required=True, help="run folder to write")
     p.add_argument("--n-train", type=int, default=1000)
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed of our stack vs the paper's (plain Trainer + PEFT), side by side")
     bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records (under 10 minutes)")
     bench.add_argument("--model", nargs="+", default=None, help="models (default: smollm2-135m, plus gemma3-270m unless --quick)")
-    bench.add_argument("--data", default="../shared/data/alpaca/alpaca_data.json")
+    bench.add_argument("--data", default=DEFAULT_DATA)
     bench.add_argument("--output", required=True, help="JSON file to write")
     return parser
 

@@ -18,6 +18,8 @@ import torch.utils.data
 from .errors import UserError, check_positive
 from .files import sha256_file
 
+DEFAULT_DATA = "../shared/data/alpaca/alpaca_data.json"  # the original Alpaca file, beside the repo
+
 FIELDS = ("instruction", "input", "output")
 
 PROMPT_WITH_INPUT = (
@@ -91,12 +93,21 @@ def _read_local(path: Path) -> list:
         ) from exc
 
 
+def local_data_file(data: str) -> Path | None:
+    """The local file ``data`` names (checked to exist), or None for a hub dataset id."""
+    path = Path(data)
+    if not (path.exists() or path.suffix in (".json", ".jsonl")):
+        return None
+    if not path.is_file():
+        hint = " (the default is relative to the repo root: run from there, or pass --data)" if data == DEFAULT_DATA else ""
+        raise UserError(f"data file not found: {path}{hint}")
+    return path
+
+
 def load_records(data: str) -> DataSource:
     """Read and validate Alpaca records from a local file or a hub dataset id."""
-    path = Path(data)
-    if path.exists() or path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise UserError(f"data file not found: {path}")
+    path = local_data_file(data)
+    if path is not None:
         records = validate_records(_read_local(path), str(path))
         return DataSource(records, str(path.resolve()), sha256_file(path))
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import UserError
+from .data import local_data_file
 from .files import append_jsonl_atomic, write_text_atomic
 from .report import read_runs
 from .train import METHODS, RESULT_NEUTRAL_FLAGS, TrainConfig, train
@@ -364,6 +365,8 @@ def run_grid(
         raise UserError("the grid lists a run twice")
     for spec in specs:  # every config checked before the first (long) run starts
         spec.config(out).validate()
+    for data in dict.fromkeys(spec.config(out).data for spec in specs):
+        local_data_file(data)  # a missing data file fails the grid once, not every run
     existing = {s.key: _load_results(out / "runs" / s.folder / "results.json") for s in specs}
     for spec in specs:
         if existing[spec.key] is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from .adapters import OLoRAPlusConfig, apply_olora
-from .data import Example, LengthGroupedSampler, load_records, split_records, tokenize_records
+from .data import DEFAULT_DATA, Example, LengthGroupedSampler, load_records, split_records, tokenize_records
 from .distributed import gather_objects, is_main_process, local_device, per_device_batch_size, world_size
 from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
@@ -42,7 +42,7 @@ class TrainConfig:
 
     output: str
     model: str = DEFAULT_MODEL
-    data: str = "../shared/data/alpaca/alpaca_data.json"
+    data: str = DEFAULT_DATA
     method: str = "olora-plus"
     ratio: float | None = None
     rank: int = 32
