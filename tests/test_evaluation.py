@@ -19,6 +19,7 @@ from oloraplus.evaluation import (
     eval_loss,
     evaluate_model,
     generate_responses,
+    greedy_decode,
     response_loss,
     teacher_forced_responses,
 )
@@ -153,3 +154,18 @@ def test_evaluate_model_reports_consistent_metrics(tiny_tokenizer, examples):
     assert details["metrics_mode"] == "teacher-forced"
     with pytest.raises(ValueError):
         evaluate_model(model, tiny_tokenizer, examples, references, metrics_mode="beam", progress=False)
+
+
+def test_greedy_decode_matches_generate_with_a_sliding_window_cache(tiny_tokenizer, examples):
+    """Gemma 3 mixes sliding-window and global layers; a window shorter than the prompts makes the
+    sliding cache drop entries while rows leave the batch."""
+    model = model_for("gemma", tiny_tokenizer)
+    model.config.sliding_window = 4
+    prompts = [e.input_ids[: e.prompt_len] for e in examples]
+    eos_ids = [tiny_tokenizer.eos_token_id]
+    expected = [reference_generate(model, p, 6, eos_ids) for p in prompts]
+    batch = collate([examples[i].__class__(p, [-100] * len(p), len(p), False) for i, p in enumerate(prompts)],
+                    tiny_tokenizer.pad_token_id, left=True)
+    got = greedy_decode(model, batch["input_ids"], batch["attention_mask"], 6, eos_ids)
+    assert got == expected
+    assert min(len(p) for p in prompts) > 4  # the window really is shorter than every prompt
