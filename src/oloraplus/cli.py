@@ -44,6 +44,8 @@ def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-steps", type=int, default=None)
+        p.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
+                       help="training attention kernel; auto: eager for batches up to 256 tokens on CPU, else SDPA")
         p.add_argument("--target-modules", nargs="+", default=None,
                        help="module names to adapt (default: every attention and MLP Linear)")
         p.add_argument("--no-group-by-length", action="store_true", help="random batches (slower)")
@@ -64,6 +66,7 @@ _GRID_TRAIN_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--max-length", {"type": int}), ("--max-new-tokens", {"type": int}),
     ("--metrics-mode", {"choices": ["generation", "teacher-forced"]}),
     ("--precision", {"choices": ["auto", "bf16", "fp32"]}),
+    ("--attention", {"choices": ["auto", "sdpa", "eager"]}),
     ("--eval-batch-size", {"type": int}), ("--generation-batch-size", {"type": int}),
     ("--rank", {"type": int}), ("--alpha", {"type": float}), ("--dropout", {"type": float}),
     ("--lr", {"type": float, "help": "lr_A; lr_B = ratio * lr_A"}), ("--weight-decay", {"type": float}),
@@ -174,7 +177,7 @@ def _config_from_args(args, train: bool):
             lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
             seed=args.seed, max_steps=args.max_steps, target_modules=args.target_modules,
             group_by_length=not args.no_group_by_length, track_dynamics=args.track_dynamics,
-            save_steps=args.save_steps, resume=args.resume,
+            save_steps=args.save_steps, resume=args.resume, attention=args.attention,
         )
     return TrainConfig(**fields)
 

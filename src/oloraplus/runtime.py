@@ -15,6 +15,10 @@ import torch
 from .errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTIONS = ("auto", "sdpa", "eager")
+# On CPU, eager attention (two matmuls and a softmax) trains faster than SDPA's flash kernel on
+# short batches and slower on long ones (bench/NOTES.md); "auto" switches at this padded length.
+CPU_EAGER_MAX_LENGTH = 256
 
 
 def default_device() -> str:
@@ -38,6 +42,22 @@ def resolve_precision(precision: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def attention_kernel(choice: str, device: str, seq_len: int) -> str:
+    """The attention implementation for a training batch of padded length ``seq_len``."""
+    if choice not in ATTENTIONS:
+        raise UserError(f"attention must be one of {', '.join(ATTENTIONS)}, got '{choice}'")
+    if choice != "auto":
+        return choice
+    return "eager" if device.startswith("cpu") and seq_len <= CPU_EAGER_MAX_LENGTH else "sdpa"
+
+
+def use_attention(model: torch.nn.Module, kernel: str) -> None:
+    """Switch a (PEFT-wrapped) transformers model to another attention implementation."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", kernel) != kernel:
+        base.set_attn_implementation(kernel)
 
 
 def autocast(precision: str, device: str):

@@ -25,7 +25,15 @@ from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .runtime import default_device, merged_for_eval, prepare_for_compute, resolve_precision
+from .runtime import (
+    ATTENTIONS,
+    attention_kernel,
+    default_device,
+    merged_for_eval,
+    prepare_for_compute,
+    resolve_precision,
+    use_attention,
+)
 from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
 METHODS = {  # method -> (init, takes a ratio)
@@ -61,6 +69,7 @@ class TrainConfig:
     max_steps: int | None = None
     metrics_mode: str = "generation"
     precision: str = "auto"
+    attention: str = "auto"  # training attention kernel: auto = eager for short batches on CPU, else SDPA
     eval_batch_size: int = 8
     generation_batch_size: int = 64
     group_by_length: bool = True
@@ -100,6 +109,8 @@ class TrainConfig:
             raise UserError("--resume continues the run in --output and --overwrite deletes it; pass only one")
         per_device_batch_size(self.batch_size)  # --batch-size is the global batch under torchrun
         self.adapter_config()  # dropout and weight decay, checked now rather than after loading the model
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"unknown attention '{self.attention}': choose one of {', '.join(ATTENTIONS)}")
         if self.metrics_mode not in METRIC_MODES:
             raise UserError(f"unknown metrics mode '{self.metrics_mode}': choose {' or '.join(METRIC_MODES)}")
 
@@ -170,7 +181,7 @@ RUN_CONFIG = "run_config.json"  # OUTPUT/checkpoints/run_config.json: the flags 
 # Flags that change where, how fast or what is observed, not the results: a resumed run (or a
 # resumed grid) may change them.
 RESULT_NEUTRAL_FLAGS = frozenset({"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
-                                  "eval_batch_size", "generation_batch_size"})
+                                  "eval_batch_size", "generation_batch_size", "attention"})
 
 
 def resume_checkpoint(config: TrainConfig) -> str | None:
@@ -312,7 +323,24 @@ def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> in
 
 
 class RecipeTrainer(OLoRAPlusTrainer):
-    """``OLoRAPlusTrainer`` with tighter length grouping (see ``data.LengthGroupedSampler``)."""
+    """``OLoRAPlusTrainer`` with tighter length grouping (see ``data.LengthGroupedSampler``) and
+    the attention kernel chosen per batch length (see ``runtime.attention_kernel``)."""
+
+    attention: str = "auto"
+    device_kind: str = "cpu"
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        use_attention(self.model, attention_kernel(self.attention, self.device_kind, inputs["input_ids"].shape[1]))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        """Train; afterwards the model has its own attention kernel again (evaluation is unchanged)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        original = base.config._attn_implementation
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            use_attention(self.model, original)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -349,13 +377,15 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used in each forward
         ratio=config.lam,
     )
-    return RecipeTrainer(
+    trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=_Collator(tokenizer.pad_token_id),
         head_on_labels_only=config.head_on_labels_only,
     )
+    trainer.attention, trainer.device_kind = config.attention, device
+    return trainer
 
 
 def run_evaluation(config, model, tokenizer, split, eval_examples):
