@@ -210,6 +210,24 @@ def test_analyze_adapter_olora_relative_changes_and_aggregates():
     assert result["reference"].startswith("start factors")
 
 
+def test_shared_references_give_the_same_results_and_are_reused(monkeypatch):
+    """Runs of one base model share the per-layer references; a sign-flipped start must not leak."""
+    import oloraplus.analysis as analysis
+
+    rank = 3
+    weights, state, pert = synthetic_adapter(rank)
+    flipped = {k: (-v if ".lora_B." in k else v) for k, v in state.items()}  # B and A of one pair flipped...
+    flipped = {k: (-v if ".lora_A." in k else v) for k, v in flipped.items()}  # ...gives the same update
+    alone = [analyze_adapter(weights, s, rank, 6.0, "olora") for s in (flipped, state)]
+    calls = []
+    real = analysis.layer_reference
+    monkeypatch.setattr(analysis, "layer_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared: dict = {}
+    together = [analyze_adapter(weights, s, rank, 6.0, "olora", shared) for s in (flipped, state)]
+    assert together == alone
+    assert len(calls) == len(pert)  # computed once per layer, not once per adapter
+
+
 def test_recomputed_start_with_flipped_signs_counts_as_no_change():
     rank = 3
     weights, _, pert = synthetic_adapter(rank)

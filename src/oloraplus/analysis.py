@@ -350,8 +350,12 @@ def analyze_adapter(
     rank: int,
     alpha: float,
     init: str,
+    references: dict | None = None,
 ) -> dict:
     """Metrics of a trained adapter against the ORIGINAL base weights (see the module docstring).
+
+    ``references``: a dict shared by calls on the same base weights, which keeps each layer's
+    reference (a QR and an SVD of W) for the next adapter instead of recomputing it.
 
     ``base_weights`` maps layer names (``model.layers.0.self_attn.q_proj``, with or without
     ``base_model.model.``) to the weight W before any adapter was added. Returns
@@ -375,7 +379,13 @@ def analyze_adapter(
                 f"adapter layer '{name}' (B {tuple(b_t.shape)}, A {tuple(a_t.shape)}) does not fit the base "
                 f"weight {tuple(weight.shape)} at rank {rank}; wrong base model or rank?"
             )
-        ref, flips = align_start_signs(layer_reference(weight, rank, init), b_t, a_t)
+        key = (name, rank, init)
+        ref = references.get(key) if references is not None else None
+        if ref is None:
+            ref = layer_reference(weight, rank, init)
+            if references is not None:
+                references[key] = ref
+        ref, flips = align_start_signs(ref, b_t, a_t)
         layers[name] = {"layer_type": layer_type(name), **layer_metrics(ref, b_t, a_t, alpha / rank),
                         "start_sign_flips": flips}
     return {"init": init, "reference": REFERENCES[init], "aggregate": aggregate(layers), "layers": layers}
@@ -452,12 +462,13 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, device: str | N
     entries: list[dict | None] = [None] * len(infos)
     for model_name in dict.fromkeys(info.model for info in infos):
         model, _ = load_model(model_name, device=device or default_device())
+        references: dict = {}  # per layer of this base model, shared by its runs
         for i, info in enumerate(infos):
             if info.model != model_name:
                 continue
             state = load_adapter_weights(info.adapter_dir)
             weights = _base_weights(model, adapter_factors(state))
-            result = analyze_adapter(weights, state, info.rank, info.alpha, info.init)
+            result = analyze_adapter(weights, state, info.rank, info.alpha, info.init, references)
             entries[i] = {
                 "run": info.run, "model": info.model, "method": info.method, "ratio": info.ratio,
                 "seed": info.seed, "init": info.init, "rank": info.rank, "alpha": info.alpha, **result,
