@@ -184,7 +184,7 @@ def _figure(width: float, height: float):
 
 
 def plot_dynamics(regimes: Regimes, path: Path) -> bool:
-    """Drift and relative change of B over training steps, one line per tracked run."""
+    """Drift and relative change of B over training steps (log scale), one line per tracked run."""
     models = [m for m, curves in regimes.dynamics.items() if curves]
     if not models:
         return False
@@ -194,10 +194,10 @@ def plot_dynamics(regimes: Regimes, path: Path) -> bool:
         for col, key in enumerate(DYNAMICS_METRICS):
             ax = axes[row][col]
             for method, ratio, seed, curve in regimes.dynamics[model]:
-                points = [(r["step"], r[key]) for r in curve if r.get(key) is not None]
+                points = [(r["step"], r[key]) for r in curve if r["step"] > 0 and r.get(key)]  # log axis: no start
                 if points:
                     ax.plot(*zip(*points), "-o", ms=2, lw=1.2, label=f"{_arm(method, ratio).label} (seed {seed})")
-            ax.set_yscale("symlog", linthresh=1e-4)
+            ax.set_yscale("log")
             ax.set_xlabel("training step")
             ax.set_title(f"{model}: {'B subspace drift' if key == 'b_subspace_drift' else '‖ΔB‖/‖B₀‖'}", fontsize=9)
             ax.legend(fontsize=6)
