@@ -475,7 +475,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, device: str | N
             }
         del model
     analysis = {"runs": entries, "plots": plot_analysis(entries, out)}
-    write_json_atomic(out / "analysis.json", analysis)
+    write_json_atomic(out / "analysis.json", analysis, indent=None)  # per-layer numbers: keep it small
     return analysis
 
 

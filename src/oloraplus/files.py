@@ -29,8 +29,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=False) + "\n")
 
 
 def append_jsonl_atomic(path: str | Path, row: dict) -> None:
