@@ -31,7 +31,8 @@ REGIME_METRICS: tuple[tuple[str, str, int | None], ...] = (
     ("update_effective_rank", "update eff. rank", 1),
     ("update_in_top_subspace", "update in top-r of W", None),
 )
-DYNAMICS_METRICS = ("b_subspace_drift", "b_rel_change")
+DYNAMICS_TITLES = {"b_subspace_drift": "B subspace drift", "b_rel_change": "‖ΔB‖/‖B₀‖"}
+DYNAMICS_METRICS = tuple(DYNAMICS_TITLES)
 REGIME_DEFINITIONS = (
     "B drift: mean sin² of the principal angles between span(B_T) and span(B_0 = Q_r), 0 = same "
     "subspace, about {random} for a random subspace of the same size. ‖ΔB‖/‖B₀‖, ‖ΔA‖/‖A₀‖: relative "
@@ -199,7 +200,7 @@ def plot_dynamics(regimes: Regimes, path: Path) -> bool:
                     ax.plot(*zip(*points), "-o", ms=2, lw=1.2, label=f"{_arm(method, ratio).label} (seed {seed})")
             ax.set_yscale("log")
             ax.set_xlabel("training step")
-            ax.set_title(f"{model}: {'B subspace drift' if key == 'b_subspace_drift' else '‖ΔB‖/‖B₀‖'}", fontsize=9)
+            ax.set_title(f"{model}: {DYNAMICS_TITLES[key]}", fontsize=9)
             ax.legend(fontsize=6)
     _save_png(fig, path)
     return True
@@ -222,7 +223,7 @@ def plot_drift_vs_ratio(regimes: Regimes, path: Path) -> bool:
         ax.set_yscale("log")
         ax.axvline(0.0, color="k", lw=0.5, ls=":")
         ax.set_xlabel("log2 λ (λ = lr_B / lr_A; 0 = OLoRA)")
-        ax.set_title("B subspace drift" if key == "b_subspace_drift" else "‖ΔB‖/‖B₀‖", fontsize=9)
+        ax.set_title(DYNAMICS_TITLES[key], fontsize=9)
         ax.legend(fontsize=7)
     _save_png(fig, path)
     return True

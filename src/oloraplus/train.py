@@ -28,6 +28,7 @@ from .models import DEFAULT_MODEL, load_model
 from .runtime import (
     ATTENTIONS,
     attention_kernel,
+    current_attention,
     default_device,
     merged_for_eval,
     prepare_for_compute,
@@ -335,8 +336,7 @@ class RecipeTrainer(OLoRAPlusTrainer):
 
     def train(self, *args, **kwargs):
         """Train; afterwards the model has its own attention kernel again (evaluation is unchanged)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        original = base.config._attn_implementation
+        original = current_attention(self.model)
         try:
             return super().train(*args, **kwargs)
         finally:
