@@ -77,6 +77,18 @@ def test_regime_table_is_mean_and_std_over_seeds(tmp_path):
     assert files.figure_dynamics is None  # no run folder has dynamics.jsonl
 
 
+def test_analysis_in_parts_is_found_by_default_and_equals_one_file(tmp_path):
+    rows = rows_with_exploration()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for folder in (whole, parts):
+        write_runs(folder / "runs.jsonl", rows)
+    write_analysis(whole / "analysis" / "analysis.json", rows)
+    write_analysis(parts / "analysis" / "seed0" / "analysis.json", rows, seeds=(0,))
+    write_analysis(parts / "analysis" / "seed12" / "analysis.json", rows, seeds=(1, 2))
+    expected = regime_table(build_report(whole, whole).markdown.read_text())
+    assert expected and regime_table(build_report(parts, parts).markdown.read_text()) == expected
+
+
 def test_single_seed_has_no_spread_and_two_ratios_give_no_drift_figure(tmp_path):
     rows = synthetic_rows()  # ratios 1 and 1/16 only
     write_runs(tmp_path / "runs.jsonl", rows)

@@ -114,7 +114,7 @@ def _add_grid_commands(sub) -> None:
     report.add_argument("dir", metavar="DIR", help="grid folder (or its runs.jsonl)")
     report.add_argument("--output", default=None, help="where to write the report (default DIR)")
     report.add_argument("--analysis", nargs="+", default=None, metavar="FILE",
-                        help="analysis.json files for the regime section (default DIR/analysis/analysis.json)")
+                        help="analysis.json files for the regime section (default DIR/analysis/analysis.json and DIR/analysis/*/analysis.json)")
 
 
 class _Parser(argparse.ArgumentParser):

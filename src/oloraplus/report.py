@@ -633,7 +633,8 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[
     """Write report.md, results.csv, tables.tex and the figures into ``output_dir``.
 
     ``analyses``: ``analysis.json`` files for the regime section (default: ``DIR/analysis/analysis.json``
-    when it exists); run folders' ``dynamics.jsonl`` files are found through ``runs.jsonl``.
+    and ``DIR/analysis/*/analysis.json``, those that exist, so a grid analysed in parts needs no flag);
+    run folders' ``dynamics.jsonl`` files are found through ``runs.jsonl``.
     """
     from .regimes import collect, plot_drift_vs_ratio, plot_dynamics, render_section
 
@@ -646,8 +647,8 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[
     if not rows:
         raise UserError(f"{runs_jsonl} holds no finished runs yet")
     if analyses is None:
-        default = runs_jsonl.parent / "analysis" / "analysis.json"
-        analyses = [default] if default.is_file() else []
+        folder = runs_jsonl.parent / "analysis"
+        analyses = [p for p in [folder / "analysis.json", *sorted(folder.glob("*/analysis.json"))] if p.is_file()]
     for path in analyses:
         if not Path(path).is_file():
             raise UserError(f"--analysis {path} not found; write it with 'oloraplus analyze RUN_DIR ... --output DIR'")
