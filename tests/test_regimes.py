@@ -110,7 +110,29 @@ def test_dynamics_files_give_the_curves_figure(tmp_path):
     files = build_report(tmp_path, tmp_path)
     assert files.figure_dynamics.read_bytes().startswith(PNG)
     assert "![figure_dynamics.png](figure_dynamics.png)" in files.markdown.read_text()
-    assert "| Method | seeds | B drift" not in files.markdown.read_text()  # no analysis: no table
+
+
+def test_last_dynamics_row_stands_in_for_a_missing_analysis(tmp_path):
+    from oloraplus.report import Arm
+
+    rows = rows_with_exploration()
+    write_runs(tmp_path / "runs.jsonl", rows)
+    run = tmp_path / rows[0]["run_dir"]
+    run.mkdir(parents=True)
+    last = {**aggregate(rows[0]["ratio"], 1), "step": 10, "b_subspace_drift": 0.0123}
+    lines = [json.dumps({"step": 0, "b_subspace_drift": 0.0, "b_rel_change": 0.0}), json.dumps(last)]
+    (run / "dynamics.jsonl").write_text("\n".join(lines) + "\n")
+    label = Arm.of(rows[0]["method"], rows[0]["ratio"]).label
+    text = build_report(tmp_path, tmp_path / "a").markdown.read_text()
+    table = regime_table(text)
+    assert list(table) == [label]  # only the run with a dynamics file has regime data
+    assert table[label][:2] == ["1", "0.0123"]
+    assert "1 run(s) have no `analyze` entry" in text
+    write_analysis(tmp_path / "analysis" / "analysis.json", rows)  # an analysis entry wins
+    text = build_report(tmp_path, tmp_path / "b").markdown.read_text()
+    drifts = DRIFT[rows[0]["ratio"]]
+    assert regime_table(text)[label][:2] == ["3", f"{statistics.fmean(drifts):.3g} ± {statistics.stdev(drifts):.2g}"]
+    assert "have no `analyze` entry" not in text
 
 
 def test_no_analysis_no_dynamics_no_section_and_report_is_deterministic(tmp_path):

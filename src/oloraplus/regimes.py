@@ -3,7 +3,8 @@
 Built from two kinds of files that ``oloraplus analyze`` and ``--track-dynamics`` write:
 ``analysis.json`` (one aggregate per finished run: B's subspace drift from Q_r, relative
 changes of B and A, ...) and each run folder's ``dynamics.jsonl`` (the same aggregates every K
-steps). Runs are matched to ``runs.jsonl`` rows by (model, method, ratio, seed), so an analysis
+steps, and at the last step: a run with no analysis entry is summarised by that last row, so a
+grid whose adapters were not kept still gets its table). Runs are matched to ``runs.jsonl`` rows by (model, method, ratio, seed), so an analysis
 made in another folder (or of reused runs) still lands on the right row.
 
 Like the rest of the report this never imports torch, and the same inputs give the same bytes.
@@ -109,6 +110,7 @@ class Regimes:
     stats: dict[str, list[RegimeStats]]  # model -> arms (in the report's arm order)
     dynamics: dict[str, list[tuple[str, float, object, list[dict]]]]  # model -> (method, ratio, seed, rows)
     random_drift: float | None
+    from_dynamics: int = 0  # runs whose aggregate is their dynamics.jsonl's last row (no analysis entry)
 
     @property
     def empty(self) -> bool:
@@ -125,20 +127,24 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
     stats: dict[str, list[RegimeStats]] = {}
     dynamics: dict[str, list] = {}
     random_drift = None
+    from_dynamics = 0
     for model in dict.fromkeys(r["model"] for r in rows):
         groups: dict[tuple, list[tuple]] = {}
         for r in rows:
             if r["model"] != model:
                 continue
+            dyn = grid_dir / str(r.get("run_dir", "")) / "dynamics.jsonl"
+            curve = read_dynamics(dyn) if r.get("run_dir") and dyn.is_file() else []
+            if curve:
+                dynamics.setdefault(model, []).append((r["method"], float(r["ratio"]), r["seed"], curve))
             agg = analyses.get(_key(model, r["method"], r["ratio"], r["seed"]))
+            if agg is None and curve and curve[-1]["step"] > 0:
+                # The callback's last row is taken at the run's last step, on the final adapter.
+                agg = {**curve[-1], "from_dynamics": True}
+                from_dynamics += 1
             if agg is not None:
                 groups.setdefault((r["method"], float(r["ratio"])), []).append((r["seed"], agg))
                 random_drift = random_drift if random_drift is not None else agg.get("b_subspace_drift_random_baseline")
-            dyn = grid_dir / str(r.get("run_dir", "")) / "dynamics.jsonl"
-            if r.get("run_dir") and dyn.is_file():
-                curve = read_dynamics(dyn)
-                if curve:
-                    dynamics.setdefault(model, []).append((r["method"], float(r["ratio"]), r["seed"], curve))
         stats[model] = [
             RegimeStats(model, method, ratio, [s for s, _ in group], {
                 key: [v for v in (metric_value(agg, key) for _, agg in group) if v is not None]
@@ -147,7 +153,7 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
             for (method, ratio), group in sorted(groups.items(), key=lambda kv: _arm(*kv[0]))
         ]
         dynamics.get(model, []).sort(key=lambda d: (_arm(d[0], d[1]), str(d[2])))
-    return Regimes(stats, dynamics, random_drift)
+    return Regimes(stats, dynamics, random_drift, from_dynamics)
 
 
 def _cell(s: RegimeStats, key: str, decimals: int | None) -> str:
@@ -165,6 +171,9 @@ def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
         return []
     random = f"{regimes.random_drift:.2f}" if regimes.random_drift is not None else "0.9"
     out = ["## Regimes: what each λ does to the adapter", "", REGIME_DEFINITIONS.format(random=random), ""]
+    if regimes.from_dynamics:
+        out += [f"{regimes.from_dynamics} run(s) have no `analyze` entry: their aggregates are the last row of "
+                "their dynamics.jsonl, the same metrics computed by the training callback on the final adapter.", ""]
     for model, arms in regimes.stats.items():
         if not arms:
             continue
