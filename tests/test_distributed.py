@@ -34,9 +34,11 @@ def _flags(checkpoint, data, out) -> list[str]:
             "--max-new-tokens", "4", "--precision", "fp32", "--no-progress"]
 
 
-def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, tmp_path, capsys):
+def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Both runs on CPU, also where a GPU is visible: this is the gloo path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    monkeypatch.setattr("oloraplus.train.default_device", lambda: "cpu")
     env.pop("WORLD_SIZE", None)
     # --standalone: a local rendezvous on a free port. Own session, so a hang kills the workers too.
     launcher = subprocess.Popen(
@@ -78,6 +80,20 @@ def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, 
     single_loss, ddp_loss = a["metrics"]["eval_loss"], b["metrics"]["eval_loss"]
     assert untrained - single_loss > 0.05 * untrained
     assert abs(ddp_loss - single_loss) < 0.02 * single_loss
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
+    from oloraplus.distributed import local_device
+    from oloraplus.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cuda", gpus=2) == "cuda:1"
+    assert local_device("cpu", gpus=0) == "cpu"
+    with pytest.raises(UserError, match="only 1 GPU"):
+        local_device("cuda", gpus=1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert local_device("cuda", gpus=1) == "cuda"  # not distributed: no rank suffix
 
 
 def test_trainer_refuses_parameters_without_lora_names(tiny_tokenizer, tmp_path):

@@ -55,9 +55,23 @@ def per_device_batch_size(batch_size: int, processes: int | None = None) -> int:
     return batch_size // processes
 
 
-def local_device(device: str) -> str:
-    """``cuda`` becomes this process's GPU under torchrun; other devices are unchanged."""
+def local_device(device: str, gpus: int | None = None) -> str:
+    """``cuda`` becomes this process's GPU under torchrun; other devices are unchanged.
+
+    More processes on a node than visible GPUs is refused here, in one line, instead of a CUDA
+    "invalid device ordinal" deep inside the model's first ``.to()``.
+    """
     if device == "cuda" and world_size() > 1:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if local_rank() >= gpus:
+            raise UserError(
+                f"this process has LOCAL_RANK {local_rank()} but only {gpus} GPU(s) are visible; "
+                f"start at most {gpus} process(es) per node (torchrun --nproc_per_node {gpus}), "
+                "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run data-parallel on CPU"
+            )
         return f"cuda:{local_rank()}"
     return device
 
