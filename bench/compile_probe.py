@@ -1,0 +1,46 @@
+"""Probe: torch.compile (inductor, dynamic shapes) vs eager for one training step on CPU.
+
+Single thread, thread CPU time, the two variants alternated on the same real batches.
+"""
+import statistics, sys, time
+import torch
+torch.set_num_threads(1)
+from oloraplus.adapters import apply_olora
+from oloraplus.models import load_model
+from oloraplus.runtime import autocast, prepare_for_compute, use_attention
+from oloraplus.train import TrainConfig
+from oloraplus.bench import BenchConfig, _split_examples
+from oloraplus.evaluation import collate, response_loss
+
+cfg = BenchConfig(model="smollm2-135m", data="../shared/data/alpaca/alpaca_data.json", n_train=256, n_eval=8)
+tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)
+model, tok = load_model(cfg.model)
+_, train, _ = _split_examples(cfg, tok)
+model = apply_olora(model, tc.adapter_config())
+prepare_for_compute(model, "bf16", "cpu")
+use_attention(model, "eager")
+model.train()
+ex = sorted(train, key=lambda e: len(e.input_ids))
+batches = [collate(ex[i:i+8], tok.pad_token_id) for i in range(0, 256, 32)][:8]
+print("lengths", [b["input_ids"].shape[1] for b in batches], flush=True)
+compiled = torch.compile(model, dynamic=True)
+
+def step(m, b):
+    t = time.thread_time()
+    with autocast("bf16", "cpu"):
+        loss = response_loss(m, **b)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.thread_time() - t
+
+t = time.perf_counter()
+for b in batches[:2]:
+    step(compiled, b)
+print(f"compile warm-up {time.perf_counter() - t:.1f} s wall", flush=True)
+eager_t, comp_t = [], []
+for rep in range(2):
+    for b in batches:
+        eager_t.append(step(model, b)); comp_t.append(step(compiled, b))
+tokens = sum(int(b["attention_mask"].sum()) for b in batches) * 2
+print(f"eager {sum(eager_t):.1f} s, compiled {sum(comp_t):.1f} s, ratio eager/compiled {sum(eager_t)/sum(comp_t):.3f}")
+print("per batch", [round(e / c, 2) for e, c in zip(eager_t, comp_t)])
