@@ -193,6 +193,16 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _ratio_colour(ratio: float):
+    """Black for λ = 1, blues below and reds above, darker the further from 1 (to 1/16 and 16)."""
+    from matplotlib import colormaps
+
+    if ratio == 1.0:
+        return "black"
+    x = max(-1.0, min(1.0, math.log2(ratio) / 4.0))  # log2 λ of ±4 is the end of the scale
+    return colormaps["coolwarm"](0.5 + 0.5 * (0.35 + 0.65 * abs(x)) * (1 if x > 0 else -1))
+
+
 def plot_dynamics(regimes: Regimes, path: Path) -> bool:
     """Drift and relative change of B over training steps (log scale), one line per tracked run."""
     models = [m for m, curves in regimes.dynamics.items() if curves]
@@ -203,14 +213,17 @@ def plot_dynamics(regimes: Regimes, path: Path) -> bool:
     for row, model in enumerate(models):
         for col, key in enumerate(DYNAMICS_METRICS):
             ax = axes[row][col]
-            for method, ratio, seed, curve in regimes.dynamics[model]:
+            # Top to bottom by λ, coloured by log2 λ (blue: Refinement, red: Exploration, black: λ = 1).
+            for method, ratio, seed, curve in sorted(regimes.dynamics[model], key=lambda d: (-d[1], str(d[2]))):
                 points = [(r["step"], r[key]) for r in curve if r["step"] > 0 and r.get(key)]  # log axis: no start
                 if points:
-                    ax.plot(*zip(*points), "-o", ms=2, lw=1.2, label=f"{_arm(method, ratio).label} (seed {seed})")
+                    ax.plot(*zip(*points), "-o", ms=2, lw=1.2, color=_ratio_colour(ratio),
+                            label=f"{_arm(method, ratio).label} (seed {seed})")
             ax.set_yscale("log")
             ax.set_xlabel("training step")
             ax.set_title(f"{model}: {DYNAMICS_TITLES[key]}", fontsize=9)
-            ax.legend(fontsize=6)
+            if col == len(DYNAMICS_METRICS) - 1:
+                ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     _save_png(fig, path)
     return True
 
