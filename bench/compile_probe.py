@@ -1,8 +1,10 @@
 """Probe: torch.compile (inductor, dynamic shapes) vs eager for one training step on CPU.
 
-Single thread, thread CPU time, the two variants alternated on the same real batches.
+Single thread, thread CPU time, the two variants alternated on the same real batches
+(bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python bench/compile_probe.py
 """
-import statistics, sys, time
+import time
+
 import torch
 torch.set_num_threads(1)
 from oloraplus.adapters import apply_olora
@@ -41,6 +43,5 @@ eager_t, comp_t = [], []
 for rep in range(2):
     for b in batches:
         eager_t.append(step(model, b)); comp_t.append(step(compiled, b))
-tokens = sum(int(b["attention_mask"].sum()) for b in batches) * 2
 print(f"eager {sum(eager_t):.1f} s, compiled {sum(comp_t):.1f} s, ratio eager/compiled {sum(eager_t)/sum(comp_t):.3f}")
 print("per batch", [round(e / c, 2) for e, c in zip(eager_t, comp_t)])

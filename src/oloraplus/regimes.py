@@ -4,8 +4,9 @@ Built from two kinds of files that ``oloraplus analyze`` and ``--track-dynamics`
 ``analysis.json`` (one aggregate per finished run: B's subspace drift from Q_r, relative
 changes of B and A, ...) and each run folder's ``dynamics.jsonl`` (the same aggregates every K
 steps, and at the last step: a run with no analysis entry is summarised by that last row, so a
-grid whose adapters were not kept still gets its table). Runs are matched to ``runs.jsonl`` rows by (model, method, ratio, seed), so an analysis
-made in another folder (or of reused runs) still lands on the right row.
+grid whose adapters were not kept still gets its table). Runs are matched to ``runs.jsonl`` rows
+by (model, method, ratio, seed), so an analysis made in another folder (or of reused runs) still
+lands on the right row.
 
 Like the rest of the report this never imports torch, and the same inputs give the same bytes.
 """
@@ -108,7 +109,7 @@ class Regimes:
     """The regime data of one report: analysis stats per model and dynamics curves per run."""
 
     stats: dict[str, list[RegimeStats]]  # model -> arms (in the report's arm order)
-    dynamics: dict[str, list[tuple[str, float, object, list[dict]]]]  # model -> (method, ratio, seed, rows)
+    dynamics: dict[str, list[tuple[str, float, object, list[dict]]]]  # model -> (method, ratio, seed, rows), λ descending
     random_drift: float | None
     from_dynamics: int = 0  # runs whose aggregate is their dynamics.jsonl's last row (no analysis entry)
 
@@ -140,7 +141,7 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
             agg = analyses.get(_key(model, r["method"], r["ratio"], r["seed"]))
             if agg is None and curve and curve[-1]["step"] > 0:
                 # The callback's last row is taken at the run's last step, on the final adapter.
-                agg = {**curve[-1], "from_dynamics": True}
+                agg = curve[-1]
                 from_dynamics += 1
             if agg is not None:
                 groups.setdefault((r["method"], float(r["ratio"])), []).append((r["seed"], agg))
@@ -152,7 +153,7 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
             })
             for (method, ratio), group in sorted(groups.items(), key=lambda kv: _arm(*kv[0]))
         ]
-        dynamics.get(model, []).sort(key=lambda d: (_arm(d[0], d[1]), str(d[2])))
+        dynamics.get(model, []).sort(key=lambda d: (-d[1], str(d[2])))  # top to bottom in the figure
     return Regimes(stats, dynamics, random_drift, from_dynamics)
 
 
@@ -214,7 +215,7 @@ def plot_dynamics(regimes: Regimes, path: Path) -> bool:
         for col, key in enumerate(DYNAMICS_METRICS):
             ax = axes[row][col]
             # Top to bottom by λ, coloured by log2 λ (blue: Refinement, red: Exploration, black: λ = 1).
-            for method, ratio, seed, curve in sorted(regimes.dynamics[model], key=lambda d: (-d[1], str(d[2]))):
+            for method, ratio, seed, curve in regimes.dynamics[model]:
                 points = [(r["step"], r[key]) for r in curve if r["step"] > 0 and r.get(key)]  # log axis: no start
                 if points:
                     ax.plot(*zip(*points), "-o", ms=2, lw=1.2, color=_ratio_colour(ratio),
