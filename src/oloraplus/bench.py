@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .data import DEFAULT_DATA
-
+from .errors import UserError
 
 
 @dataclass
@@ -53,7 +53,7 @@ class BenchConfig:
     data_seed: int = 42
     max_length: int = 512
     reference_orders: int = 3  # data orders (seeds) for the reference's eval-loss spread
-    generation_prompts: int = 32
+    generation_prompts: int = 64
     max_new_tokens: int = 64
 
 
@@ -144,7 +144,7 @@ def child_ours(cfg: BenchConfig) -> dict:
         result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
     model = merged_for_eval(model)  # what `oloraplus train` evaluates: merged, fp32
     result["eval_loss"] = _eval_loss_merged(model, evals, tokenizer.pad_token_id)
-    result["generation"] = _generation(model, tokenizer, evals, cfg)
+    result["generation"] = _generation(model, tokenizer, evals, cfg, tc.generation_batch_size)
     result["eval_pass"] = _eval_pass(model, evals, tokenizer.pad_token_id)
     return result
 
@@ -195,12 +195,12 @@ def _useful_flops_per_token(model, examples) -> float:
     return total_flops / total_tokens
 
 
-def _generation(model, tokenizer, examples, cfg: BenchConfig) -> dict:
+def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -> dict:
     from .evaluation import _eos_ids, _until_eos, generate_responses
 
     prompts = [e.input_ids[: e.prompt_len] for e in examples[: cfg.generation_prompts]]
     t = time.perf_counter()
-    ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64, progress=False)
+    ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=batch_size, progress=False)
     ours_seconds = time.perf_counter() - t
     eos = _eos_ids(model, tokenizer)
     loop, loop_tokens = [], 0
@@ -284,7 +284,9 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
     proc = subprocess.run([sys.executable, "-m", "oloraplus.bench", payload], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench child '{kind}' failed:\n{proc.stderr[-3000:]}")
+        os.unlink(out_path)
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise UserError(f"bench: the '{kind}' measurement of {cfg.model} failed: {lines[-1] if lines else proc.returncode}")
     result = json.loads(Path(out_path).read_text())
     os.unlink(out_path)
     return result
@@ -301,17 +303,37 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def run_bench(models: list[str], quick: bool, output: str, data: str) -> dict:
+def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> None:
+    """Fail in one line before any measurement: unknown model, unusable data, unwritable output."""
+    from .data import load_records
+    from .models import resolve_model
+
+    for name in models:
+        resolve_model(name)
+    source = load_records(data)
+    if len(source.records) < n_records:
+        raise UserError(f"bench needs at least {n_records} records; {data} has {len(source.records)}")
+    if Path(output).is_dir():
+        raise UserError(f"--output {output} is a folder; pass a JSON file path")
+
+
+def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dict | None = None) -> dict:
+    """Measure each model (``sizes`` overrides BenchConfig's sizes, for tests) and write ``output``."""
     from .train import library_versions
 
+    # Generation is measured on one full batch of evaluation prompts (64, the batch size
+    # `oloraplus train` generates with), so that the bench sees the batching a real run uses.
+    sizes = {"n_train": 128 if quick else 256, "n_eval": 64, "generation_prompts": 64,
+             "reference_orders": 1 if quick else 3, **(sizes or {})}
+    _check_inputs(models, data, output, sizes["n_train"] + sizes["n_eval"])
+    start = time.perf_counter()
     results = {"machine": machine(), "versions": library_versions(), "quick": quick, "models": {}}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores", flush=True)
     peak = _run_child("peak", BenchConfig())
     results["peak"] = peak
     print(f"bf16 matmul peak {peak['bf16_gflops']:.0f} GFLOP/s, fp32 {peak['fp32_gflops']:.0f} GFLOP/s", flush=True)
     for name in models:
-        cfg = BenchConfig(model=name, data=data, n_train=128 if quick else 256, n_eval=32 if quick else 64,
-                          reference_orders=1 if quick else 3, generation_prompts=16 if quick else 32)
+        cfg = BenchConfig(model=name, data=data, **sizes)
         print(f"[{name}] init ...", flush=True)
         init = _run_child("init", cfg)
         print(f"[{name}] ours: training {cfg.n_train} records ...", flush=True)
@@ -346,11 +368,12 @@ def run_bench(models: list[str], quick: bool, output: str, data: str) -> dict:
             "roofline_fraction": flops / (peak["bf16_gflops"] * 1e9),
         }
         print_table({name: results["models"][name]})
+    results["wall_seconds"] = time.perf_counter() - start
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     from .files import write_json_atomic
 
     write_json_atomic(output, results)
-    print(f"wrote {output}")
+    print(f"wrote {output} ({results['wall_seconds'] / 60:.1f} min)")
     return results
 
 

@@ -1,0 +1,61 @@
+"""``oloraplus bench`` end to end on a tiny checkpoint: what it writes, and its one-line errors.
+
+Speeds are not asserted (they belong to the benchmark's own output); what must hold on any
+machine is asserted: both stacks ran on the same records, our batched greedy decoding gave the
+same text as the one-prompt-at-a-time ``model.generate`` loop, and the JSON is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import make_records
+
+from oloraplus.bench import run_bench
+from oloraplus.cli import main
+
+
+@pytest.fixture
+def bench_records(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(make_records(200)))
+    return path
+
+
+def test_bench_on_a_tiny_checkpoint(tiny_checkpoint, bench_records, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    sizes = {"n_train": 32, "n_eval": 16, "generation_prompts": 16, "max_new_tokens": 8}
+    run_bench([str(tiny_checkpoint)], quick=True, output=str(out), data=str(bench_records), sizes=sizes)
+    printed = capsys.readouterr().out
+    assert "train tokens/s (useful)" in printed and str(out) in printed
+
+    result = json.loads(out.read_text())
+    (r,) = result["models"].values()
+    assert {k: r["config"][k] for k in sizes} == sizes and r["config"]["reference_orders"] == 1
+    train = r["train"]
+    assert train["speedup"] == pytest.approx(train["ours_tokens_per_second"] / train["reference_tokens_per_second"])
+    assert math.isfinite(train["ours_eval_loss"]) and math.isfinite(train["reference_eval_loss"])
+    gen = r["generation"]
+    assert gen["prompts"] == 16
+    assert gen["identical_share"] == 1.0  # fp32 batched greedy decoding == model.generate, prompt by prompt
+    assert gen["ours_new_tokens"] == gen["loop_new_tokens"] > 0
+    assert r["overhead"]["step_seconds_ratio1"] > 0 and r["init"]["ours_seconds"] > 0
+    assert r["useful_flops_per_token"] > 0 and 0 < r["roofline_fraction"]
+    assert result["peak"]["bf16_gflops"] > 0 and result["wall_seconds"] > 0
+
+
+@pytest.mark.parametrize("case", ["unknown model", "too few records", "output is a folder"])
+def test_bench_bad_input_is_one_line(case, tiny_checkpoint, bench_records, records_file, tmp_path, capsys):
+    argv = {"model": str(tiny_checkpoint), "data": str(bench_records), "output": str(tmp_path / "b.json")}
+    if case == "unknown model":
+        argv["model"] = "no-such-model"
+    elif case == "too few records":
+        argv["data"] = str(records_file)  # 40 records
+    else:
+        argv["output"] = str(tmp_path)
+    code = main(["bench", "--quick", *[f"--{k}={v}" for k, v in argv.items()]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "b.json").exists()
