@@ -251,6 +251,19 @@ def test_addmm_lora_computes_what_peft_computes(family):
         torch.testing.assert_close(merged["fused"][name], w, rtol=1e-6, atol=1e-6)
 
 
+def test_addmm_lora_with_a_bf16_base():
+    """bf16 base weights, fp32 adapters. Without autocast the dtypes differ and PEFT's own sum runs
+    (identical output); under autocast the fused sum is as close to the fp32 function as PEFT's."""
+    vanilla = trained_like(apply_olora(tiny_model("llama", dtype=torch.bfloat16), OLoRAPlusConfig(rank=RANK, alpha=ALPHA)))
+    fused = copy.deepcopy(vanilla)
+    use_addmm_lora(fused)
+    reference = logits(copy.deepcopy(vanilla).float(), inputs(5))  # the same weights, computed in fp32
+    assert torch.equal(logits(fused, inputs(5)), logits(vanilla, inputs(5)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = [rel_err(logits(m, inputs(5)), reference) for m in (vanilla, fused)]
+    assert errors[1] < 1.5 * errors[0] + 1e-3, errors
+
+
 def test_addmm_lora_leaves_other_variants_alone():
     model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
     layers = list(lora_layers(model).values())

@@ -208,6 +208,8 @@ class AddmmLoRA(LoraVariant):
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         h = lora_a(module.lora_dropout[active_adapter](x))
+        if h.dtype != result.dtype and not torch.is_autocast_enabled(result.device.type):
+            return result + lora_b(h) * module.scaling[active_adapter]  # mixed dtypes: PEFT's own sum
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
                           alpha=module.scaling[active_adapter])
         return out.view(result.shape)
