@@ -200,8 +200,9 @@ class AddmmLoRA(LoraVariant):
     Here ``torch.addmm(result, lora_A(x), B^T, alpha=s)`` lets the matmul scale and accumulate
     into the base output, and autograd scales the r-wide intermediate instead of the output:
     the same function (summed in the matmul's accumulator, so rounded once instead of three
-    times) for about 6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
-    Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias.
+    times) for 2-6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
+    Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias,
+    through PEFT's variant hook (the one DoRA uses; PEFT calls it private: versions are pinned).
     """
 
     @staticmethod
