@@ -202,7 +202,8 @@ class AddmmLoRA(LoraVariant):
     the same function (summed in the matmul's accumulator, so rounded once instead of three
     times) for 2-6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
     Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias,
-    through PEFT's variant hook (the one DoRA uses; PEFT calls it private: versions are pinned).
+    through PEFT's variant hook (the one DoRA uses; PEFT calls it private, so a PEFT without the
+    hook gets nothing installed, and the tests compare the result with PEFT's own forward).
     """
 
     @staticmethod
@@ -234,7 +235,7 @@ def use_addmm_lora(model: torch.nn.Module) -> int:
 
     count = 0
     for layer in lora_layers(model).values():
-        if not isinstance(layer, Linear):
+        if not isinstance(layer, Linear) or not isinstance(getattr(layer, "lora_variant", None), dict):
             continue
         for adapter, lora_b in layer.lora_B.items():
             if adapter not in layer.lora_variant and lora_b.bias is None:
