@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora, lora_layers
+from oloraplus.adapters import AddmmLoRA, OLoRAPlusConfig, apply_olora, lora_layers, use_addmm_lora
 from oloraplus.errors import UserError
 
 FAMILIES = ["llama", "opt", "gemma"]
@@ -217,3 +217,58 @@ def test_bad_targets_are_user_errors(targets, needle):
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(UserError):
         OLoRAPlusConfig(**kwargs)
+
+
+def trained_like(model, seed: int = 3):
+    """Move every A and B off their starting point, so that the LoRA update is not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_addmm_lora_computes_what_peft_computes(family):
+    """Same outputs, same gradients for A and B, same merged weights as PEFT's vanilla LoRA."""
+    vanilla = trained_like(apply_olora(tiny_model(family), OLoRAPlusConfig(rank=RANK, alpha=ALPHA)))
+    fused = copy.deepcopy(vanilla)
+    assert use_addmm_lora(fused) == len(lora_layers(fused))
+    assert all(isinstance(m.lora_variant["default"], AddmmLoRA) for m in lora_layers(fused).values())
+    ids = inputs(4)
+    grads = {}
+    for key, model in (("vanilla", vanilla), ("fused", fused)):
+        out = model(input_ids=ids).logits
+        (out.float() ** 2).mean().backward()
+        grads[key] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["fused"][0], grads["vanilla"][0], rtol=1e-5, atol=1e-5)
+    assert grads["fused"][1].keys() == grads["vanilla"][1].keys() and grads["vanilla"][1]
+    for name, g in grads["vanilla"][1].items():
+        torch.testing.assert_close(grads["fused"][1][name], g, rtol=1e-4, atol=1e-6)
+    merged = {k: m.merge_and_unload().state_dict() for k, m in (("vanilla", vanilla), ("fused", fused))}
+    for name, w in merged["vanilla"].items():
+        torch.testing.assert_close(merged["fused"][name], w, rtol=1e-6, atol=1e-6)
+
+
+def test_addmm_lora_with_a_bf16_base():
+    """bf16 base weights, fp32 adapters. Without autocast the dtypes differ and PEFT's own sum runs
+    (identical output); under autocast the fused sum is as close to the fp32 function as PEFT's."""
+    vanilla = trained_like(apply_olora(tiny_model("llama", dtype=torch.bfloat16), OLoRAPlusConfig(rank=RANK, alpha=ALPHA)))
+    fused = copy.deepcopy(vanilla)
+    use_addmm_lora(fused)
+    reference = logits(copy.deepcopy(vanilla).float(), inputs(5))  # the same weights, computed in fp32
+    assert torch.equal(logits(fused, inputs(5)), logits(vanilla, inputs(5)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = [rel_err(logits(m, inputs(5)), reference) for m in (vanilla, fused)]
+    assert errors[1] < 1.5 * errors[0] + 1e-3, errors
+
+
+def test_addmm_lora_leaves_other_variants_alone():
+    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
+    layers = list(lora_layers(model).values())
+    other = object()
+    layers[0].lora_variant["default"] = other
+    assert use_addmm_lora(model) == len(layers) - 1
+    assert layers[0].lora_variant["default"] is other
+

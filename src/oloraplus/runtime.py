@@ -78,6 +78,7 @@ def autocast(precision: str, device: str):
 def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
     """Make a (PEFT-wrapped) model fast for the resolved precision, without changing its function.
 
+    Each LoRA update is added inside its up-projection's matmul (:class:`adapters.AddmmLoRA`).
     Under bf16 the frozen base weights are stored in bf16 (autocast would otherwise cast every
     fp32 weight to bf16 again on every forward pass: frozen weights are not in its cache), and
     PEFT's cast of each adapter's input to fp32 is switched off (autocast runs the adapter
@@ -86,6 +87,9 @@ def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> 
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from .adapters import use_addmm_lora
+
+    use_addmm_lora(model)
     if precision == "bf16":
         for name, param in model.named_parameters():
             if "lora_" not in name and not param.requires_grad and param.dtype == torch.float32:
