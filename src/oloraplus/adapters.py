@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 
 from .errors import UserError, check_positive
@@ -202,8 +203,8 @@ class AddmmLoRA(LoraVariant):
     the same function (summed in the matmul's accumulator, so rounded once instead of three
     times) for 2-6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
     Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias,
-    through PEFT's variant hook (the one DoRA uses; PEFT calls it private, so a PEFT without the
-    hook gets nothing installed, and the tests compare the result with PEFT's own forward).
+    through PEFT's variant hook (the one DoRA uses; PEFT calls it private, so the tests compare
+    the result with PEFT's own forward, gradients and merge).
     """
 
     @staticmethod
@@ -231,11 +232,9 @@ class AddmmLoRA(LoraVariant):
 
 def use_addmm_lora(model: torch.nn.Module) -> int:
     """Install :class:`AddmmLoRA` on every vanilla LoRA Linear of ``model``; returns how many."""
-    from peft.tuners.lora.layer import Linear
-
     count = 0
     for layer in lora_layers(model).values():
-        if not isinstance(layer, Linear) or not isinstance(getattr(layer, "lora_variant", None), dict):
+        if not isinstance(layer, LoraLinear):
             continue
         for adapter, lora_b in layer.lora_B.items():
             if adapter not in layer.lora_variant and lora_b.bias is None:
