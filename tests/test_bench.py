@@ -26,15 +26,19 @@ def bench_records(tmp_path):
 
 def test_bench_on_a_tiny_checkpoint(tiny_checkpoint, bench_records, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    sizes = {"n_train": 32, "n_eval": 16, "generation_prompts": 16, "max_new_tokens": 8}
+    sizes = {"n_train": 32, "n_eval": 16, "generation_prompts": 16, "max_new_tokens": 8, "reference_orders": 2}
     run_bench([str(tiny_checkpoint)], quick=True, output=str(out), data=str(bench_records), sizes=sizes)
     printed = capsys.readouterr().out
     assert "train tokens/s (useful)" in printed and str(out) in printed
 
     result = json.loads(out.read_text())
     (r,) = result["models"].values()
-    assert {k: r["config"][k] for k in sizes} == sizes and r["config"]["reference_orders"] == 1
+    assert {k: r["config"][k] for k in sizes} == sizes
     train = r["train"]
+    # the speed-up is against the reference's median speed over its data orders
+    orders = train["reference_tokens_per_second_orders"]
+    assert len(orders) == 2 and train["reference_tokens_per_second"] == pytest.approx(sum(orders) / 2)
+    assert len(train["reference_eval_loss_orders"]) == 2
     assert train["speedup"] == pytest.approx(train["ours_tokens_per_second"] / train["reference_tokens_per_second"])
     assert math.isfinite(train["ours_eval_loss"]) and math.isfinite(train["reference_eval_loss"])
     gen = r["generation"]
@@ -44,6 +48,7 @@ def test_bench_on_a_tiny_checkpoint(tiny_checkpoint, bench_records, tmp_path, ca
     assert r["overhead"]["step_seconds_ratio1"] > 0 and r["init"]["ours_seconds"] > 0
     assert r["useful_flops_per_token"] > 0 and 0 < r["roofline_fraction"]
     assert result["peak"]["bf16_gflops"] > 0 and result["wall_seconds"] > 0
+    assert len(result["load_average"]["start"]) == len(result["load_average"]["end"]) == 3
 
 
 @pytest.mark.parametrize("case", ["unknown model", "too few records", "output is a folder"])

@@ -327,7 +327,10 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
              "reference_orders": 1 if quick else 3, **(sizes or {})}
     _check_inputs(models, data, output, sizes["n_train"] + sizes["n_eval"])
     start = time.perf_counter()
-    results = {"machine": machine(), "versions": library_versions(), "quick": quick, "models": {}}
+    # The 1/5/15-minute load averages before and after: other work on the machine slows
+    # either side and makes the ratios noisy, so a result says how quiet the machine was.
+    results = {"machine": machine(), "versions": library_versions(), "quick": quick, "models": {},
+               "load_average": {"start": os.getloadavg()}}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores", flush=True)
     peak = _run_child("peak", BenchConfig())
     results["peak"] = peak
@@ -344,13 +347,18 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
             refs.append(_run_child("reference", cfg, seed=cfg.seed + k))
         ref = refs[0]
         ref_losses = [r["eval_loss"] for r in refs]
+        # The reference's speed depends on its data order (random batches pad differently), so
+        # the speed-up is taken against its median over the orders run.
+        ref_speeds = [r["tokens_per_second"] for r in refs]
+        ref_speed = statistics.median(ref_speeds)
         flops = ours["flops_per_token"] * ours["tokens_per_second"]
         results["models"][name] = {
             "config": asdict(cfg),
             "train": {
-                "reference_tokens_per_second": ref["tokens_per_second"],
+                "reference_tokens_per_second": ref_speed,
+                "reference_tokens_per_second_orders": ref_speeds,
                 "ours_tokens_per_second": ours["tokens_per_second"],
-                "speedup": ours["tokens_per_second"] / ref["tokens_per_second"],
+                "speedup": ours["tokens_per_second"] / ref_speed,
                 "reference_peak_rss_mb": ref["peak_rss_mb"], "ours_peak_rss_mb": ours["peak_rss_mb"],
                 "reference_eval_loss": ref["eval_loss"], "ours_eval_loss": ours["eval_loss"],
                 "eval_loss_rel_diff": abs(ours["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"],
@@ -369,6 +377,7 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
         }
         print_table({name: results["models"][name]})
     results["wall_seconds"] = time.perf_counter() - start
+    results["load_average"]["end"] = os.getloadavg()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     from .files import write_json_atomic
 
