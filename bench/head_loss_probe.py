@@ -1,0 +1,61 @@
+"""Probe: the fused LM head + cross-entropy (loss.HeadCrossEntropy) vs the plain path
+(``F.cross_entropy`` over materialised fp32 logits), for one training forward + backward on CPU.
+
+Both paths alternate on the same real length-sorted batches (bf16 autocast, frozen weights in
+bf16, attention kernel per batch, as `oloraplus train` runs), 2 repeats, wall time with the
+default threads; first the loss and the LoRA gradients of both on two batches.
+Run from the repo root: .venv/bin/python bench/head_loss_probe.py [smollm2-135m|gemma3-270m]
+"""
+import sys
+import time
+
+import torch
+
+from oloraplus import evaluation
+from oloraplus.adapters import apply_olora
+from oloraplus.bench import BenchConfig, _split_examples
+from oloraplus.evaluation import collate, response_loss
+from oloraplus.loss import fusable_head
+from oloraplus.models import load_model
+from oloraplus.runtime import attention_kernel, autocast, prepare_for_compute, use_attention
+from oloraplus.train import TrainConfig
+
+name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
+cfg = BenchConfig(model=name, n_train=128, n_eval=8)
+tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)
+model, tok = load_model(cfg.model)
+_, train, _ = _split_examples(cfg, tok)
+model = apply_olora(model, tc.adapter_config())
+prepare_for_compute(model, "bf16", "cpu")
+model.train()
+ex = sorted(train, key=lambda e: len(e.input_ids))
+batches = [collate(ex[i : i + 8], tok.pad_token_id) for i in (16, 48, 80, 112)]
+lora = [p for p in model.parameters() if p.requires_grad]
+
+
+def step(batch, fused: bool):
+    evaluation.fusable_head = fusable_head if fused else (lambda m: None)
+    use_attention(model, attention_kernel("auto", "cpu", batch["input_ids"].shape[1]))
+    t = time.perf_counter()
+    with autocast("bf16", "cpu"):
+        loss = response_loss(model, **batch)
+    loss.backward()
+    seconds = time.perf_counter() - t
+    grads = torch.cat([p.grad.flatten().float() for p in lora])
+    model.zero_grad(set_to_none=True)
+    return seconds, loss.item(), grads
+
+
+for b in batches[:2]:
+    _, plain_loss, plain = step(b, False)
+    _, fused_loss, fused = step(b, True)
+    print(f"loss plain {plain_loss:.5f} fused {fused_loss:.5f}; LoRA gradients apart "
+          f"{((fused - plain).norm() / plain.norm()).item():.2e} (relative)", flush=True)
+times = {False: 0.0, True: 0.0}
+for _ in range(2):
+    for b in batches:
+        for fused in times:
+            times[fused] += step(b, fused)[0]
+print(f"{name}: padded lengths {[b['input_ids'].shape[1] for b in batches]}, "
+      f"response tokens {[int((b['labels'] != -100).sum()) for b in batches]}")
+print(f"plain {times[False]:.2f} s, fused {times[True]:.2f} s, speed-up {times[False] / times[True]:.3f}")
