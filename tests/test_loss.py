@@ -103,5 +103,24 @@ def test_heads_the_fused_path_does_not_take(tiny_tokenizer):
 
     model = peft_model("llama", tiny_tokenizer)
     assert fusable_head(Wrapper(model)) is None
+    head = fusable_head(model)
+    head._hf_hook = object()  # accelerate's offloading: the weight may not be where it looks
+    assert fusable_head(model) is None
+    del head._hf_hook
     model.get_base_model().config.model_type = "some_new_model"  # logits may be post-processed
     assert fusable_head(model) is None
+
+
+def test_a_forward_installed_on_the_head_is_restored(tiny_tokenizer, batch):
+    model = peft_model("llama", tiny_tokenizer)
+    head = fusable_head(model)
+    calls = []
+    original = head.forward
+
+    def wrapped(x):
+        calls.append(1)
+        return original(x)
+
+    head.forward = wrapped
+    response_loss(model, **batch)
+    assert head.__dict__["forward"] is wrapped and not calls  # the fused pass skips it, then puts it back

@@ -71,8 +71,8 @@ def fusable_head(model) -> torch.nn.Linear | None:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES or type(head) is not torch.nn.Linear:
         return None
-    if head.bias is not None or head.weight.requires_grad:
-        return None
+    if head.bias is not None or head.weight.requires_grad or hasattr(head, "_hf_hook"):
+        return None  # a bias, a trainable head, or accelerate's offloading hooks: plain path
     return head
 
 
@@ -85,11 +85,15 @@ def head_inputs(head: torch.nn.Linear):
         captured.append(x)
         return x.new_empty(*x.shape[:-1], 0)
 
+    previous = head.__dict__.get("forward")  # an instance-level forward someone else installed
     head.forward = forward
     try:
         yield captured
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def head_cross_entropy(model, head, hidden, targets, reduction: str = "mean") -> torch.Tensor:
