@@ -8,7 +8,8 @@ softmax cross-entropy it is known in closed form, ``(softmax - onehot) @ W``. So
 of rows we compute the logits, their log-sum-exp, the loss and that gradient at once, and keep
 only the (N x hidden) gradient for the backward pass. The FLOPs are the same (the head forward
 and its input gradient); the memory traffic and the peak memory are far smaller. Measured side
-by side: 1.085x (Gemma 3 270M) and 1.059x (SmolLM2) per forward + backward (bench/NOTES.md).
+by side: 1.066x (Gemma 3 270M) and 1.056x (SmolLM2) per forward + backward
+(``bench/head_loss_probe.py``; bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from .runtime import base_model
 
 # Rows per chunk: large enough that the head weight (335 MB for Gemma in bf16) is streamed
 # once per 256 rows, small enough that a chunk's fp32 logits stay at 256 MB or less.
@@ -66,7 +69,7 @@ def fusable_head(model) -> torch.nn.Linear | None:
     None for anything else: an unknown architecture, a trainable or adapted head, or a model
     inside a DDP/FSDP wrapper (the plain path is always correct; this one is only faster).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES or type(head) is not torch.nn.Linear:
@@ -98,7 +101,7 @@ def head_inputs(head: torch.nn.Linear):
 
 def head_cross_entropy(model, head, hidden, targets, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``head``'s logits at ``hidden`` (N x d) against ``targets`` (N,)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     softcap = getattr(base.config, "final_logit_softcapping", None)
     total = HeadCrossEntropy.apply(hidden, head.weight, targets, softcap, CHUNK_ROWS)
     return total / max(len(targets), 1) if reduction == "mean" else total

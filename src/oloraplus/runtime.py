@@ -53,19 +53,20 @@ def attention_kernel(choice: str, device: str, seq_len: int) -> str:
     return "eager" if device.startswith("cpu") and seq_len <= CPU_EAGER_MAX_LENGTH else "sdpa"
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def current_attention(model: torch.nn.Module) -> str | None:
     """The attention implementation a (PEFT-wrapped) transformers model runs now."""
-    return getattr(_base(model).config, "_attn_implementation", None)
+    return getattr(base_model(model).config, "_attn_implementation", None)
 
 
 def use_attention(model: torch.nn.Module, kernel: str) -> None:
     """Switch a (PEFT-wrapped) transformers model to another attention implementation."""
     if current_attention(model) not in (None, kernel):
-        _base(model).set_attn_implementation(kernel)
+        base_model(model).set_attn_implementation(kernel)
 
 
 def autocast(precision: str, device: str):
