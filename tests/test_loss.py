@@ -59,8 +59,9 @@ def test_fused_loss_and_gradients_equal_the_plain_path(family, softcap, tiny_tok
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused, hf.detach(), rtol=1e-5, atol=1e-5)
     assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 0
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, plain_grad in plain_grads.items():  # fp32 rounding, on the scale of each gradient
+        atol = 1e-6 * float(plain_grad.abs().max())
+        torch.testing.assert_close(fused_grads[name], plain_grad, rtol=1e-4, atol=atol, msg=name)
 
     summed = response_loss(model, **batch, reduction="sum")
     torch.testing.assert_close(summed, plain_loss(model, batch, reduction="sum"), rtol=1e-6, atol=1e-5)

@@ -118,7 +118,8 @@ def child_ours(cfg: BenchConfig) -> dict:
 
     from .adapters import apply_olora
     from .models import load_model
-    from .runtime import autocast, default_device, merged_for_eval, prepare_for_compute, resolve_precision
+    from .runtime import (autocast, default_device, keep_freed_memory, merged_for_eval, prepare_for_compute,
+                          resolve_precision)
     from .train import TrainConfig, build_trainer
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
@@ -126,6 +127,7 @@ def child_ours(cfg: BenchConfig) -> dict:
                      progress=False)
     device = default_device()
     precision = resolve_precision(tc.precision, device)
+    keep_freed_memory(device)  # as `oloraplus train` does; the reference keeps glibc's defaults
     model, tokenizer = load_model(cfg.model)
     _, train, evals = _split_examples(cfg, tokenizer)
     set_seed(cfg.seed)

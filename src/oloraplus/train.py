@@ -30,6 +30,7 @@ from .runtime import (
     attention_kernel,
     current_attention,
     default_device,
+    keep_freed_memory,
     merged_for_eval,
     prepare_for_compute,
     resolve_precision,
@@ -248,6 +249,7 @@ def train(config: TrainConfig) -> dict:
     split = load_split(config)
     device = local_device(default_device())
     precision = resolve_precision(config.precision, device)
+    keep_freed_memory(device)
     model, tokenizer = load_model(config.model, device=device)
     train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
@@ -417,6 +419,7 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     split = load_split(config)
     device = default_device()
     precision = resolve_precision(config.precision, device)
+    keep_freed_memory(device)
     model, tokenizer = load_model(config.model, device=device)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
     try:
