@@ -86,10 +86,11 @@ def keep_freed_memory(device: str) -> bool:
     one chunk of Gemma's fused head took 686 ms with glibc's defaults and 510 ms with freed
     memory kept (``bench/head_passes_probe.py``). With mmap off and the trim threshold at 2 GiB,
     freed blocks stay in the heap for the next allocation. Whole training runs: Gemma 3 270M
-    255 -> 289 tokens/s, SmolLM2 unchanged within noise, peak RSS 0.1-0.8 GB higher
-    (bench/NOTES.md). The setting is process-wide and cannot be undone, so only ``oloraplus
-    train``/``evaluate``/``bench`` call it; in your own script call it once at the start.
-    Returns whether it was applied (CPU, Linux, glibc).
+    255 -> 289 tokens/s, SmolLM2 unchanged within noise, peak RSS 0.1-0.8 GB higher (1.0 GB on
+    Gemma in the full bench, together with the fused head's new passes; bench/NOTES.md). The
+    setting is process-wide and cannot be undone, so only ``oloraplus train``/``evaluate``/
+    ``bench`` call it; in your own script call it once at the start. Returns whether it was
+    applied (CPU, Linux, glibc).
     """
     if not device.startswith("cpu") or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
