@@ -50,3 +50,22 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_other_devices_are_left_alone():
     assert keep_freed_memory("cuda") is False
     assert keep_freed_memory("cuda:1") is False
+
+
+def test_train_and_evaluate_keep_freed_memory_before_loading_the_model(tmp_path, tiny_checkpoint, records_file,
+                                                                        monkeypatch):
+    from oloraplus import train as train_module
+    from oloraplus.cli import main
+
+    calls: list[str] = []
+    load_model = train_module.load_model
+    monkeypatch.setattr(train_module, "default_device", lambda: "cpu")  # also where a GPU is visible
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda device: calls.append(device))
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: (calls.append("load"), load_model(*a, **k))[1])
+    common = ["--model", str(tiny_checkpoint), "--data", str(records_file), "--n-train", "8", "--n-eval", "2",
+              "--max-new-tokens", "2", "--precision", "fp32", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *common, "--method", "olora", "--rank", "4", "--batch-size", "4", "--max-steps", "1",
+                 "--output", str(run)]) == 0
+    assert main(["evaluate", *common, "--adapter", str(run / "adapter"), "--output", str(tmp_path / "eval")]) == 0
+    assert calls == ["cpu", "load", "cpu", "load"]
