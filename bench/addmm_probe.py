@@ -17,7 +17,8 @@ from oloraplus.adapters import AddmmLoRA, apply_olora  # noqa: E402
 from oloraplus.bench import BenchConfig, _split_examples  # noqa: E402
 from oloraplus.evaluation import collate, response_loss  # noqa: E402
 from oloraplus.models import load_model  # noqa: E402
-from oloraplus.runtime import attention_kernel, autocast, prepare_for_compute, use_attention  # noqa: E402
+from oloraplus.attention import attention_kernel, use_attention  # noqa: E402
+from oloraplus.runtime import autocast, prepare_for_compute  # noqa: E402
 from oloraplus.train import TrainConfig  # noqa: E402
 
 cfg = BenchConfig(model="smollm2-135m", n_train=256, n_eval=8)

@@ -9,7 +9,8 @@ import torch
 torch.set_num_threads(1)
 from oloraplus.adapters import apply_olora
 from oloraplus.models import load_model
-from oloraplus.runtime import autocast, prepare_for_compute, use_attention
+from oloraplus.attention import use_attention
+from oloraplus.runtime import autocast, prepare_for_compute
 from oloraplus.train import TrainConfig
 from oloraplus.bench import BenchConfig, _split_examples
 from oloraplus.evaluation import collate, response_loss

@@ -17,7 +17,8 @@ from oloraplus.bench import BenchConfig, _split_examples
 from oloraplus.evaluation import collate, response_loss
 from oloraplus.loss import fusable_head
 from oloraplus.models import load_model
-from oloraplus.runtime import attention_kernel, autocast, prepare_for_compute, use_attention
+from oloraplus.attention import attention_kernel, use_attention
+from oloraplus.runtime import autocast, prepare_for_compute
 from oloraplus.train import TrainConfig
 
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"

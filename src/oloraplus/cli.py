@@ -10,6 +10,7 @@ import warnings
 import os
 import sys
 
+from .attention import ATTENTIONS
 from .data import DEFAULT_DATA
 from .errors import UserError
 
@@ -44,8 +45,9 @@ def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-steps", type=int, default=None)
-        p.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
-                       help="training attention kernel; auto: eager for batches up to 256 tokens on CPU, else SDPA")
+        p.add_argument("--attention", choices=list(ATTENTIONS), default="auto",
+                       help="training attention kernel; auto: grouped (our eager kernel) for batches up to "
+                            "256 tokens on CPU, else SDPA; eager: transformers' own")
         p.add_argument("--target-modules", nargs="+", default=None,
                        help="module names to adapt (default: every attention and MLP Linear)")
         p.add_argument("--no-group-by-length", action="store_true", help="random batches (slower)")
@@ -66,7 +68,7 @@ _GRID_TRAIN_FLAGS: tuple[tuple[str, dict], ...] = (
     ("--max-length", {"type": int}), ("--max-new-tokens", {"type": int}),
     ("--metrics-mode", {"choices": ["generation", "teacher-forced"]}),
     ("--precision", {"choices": ["auto", "bf16", "fp32"]}),
-    ("--attention", {"choices": ["auto", "sdpa", "eager"]}),
+    ("--attention", {"choices": list(ATTENTIONS)}),
     ("--eval-batch-size", {"type": int}), ("--generation-batch-size", {"type": int}),
     ("--rank", {"type": int}), ("--alpha", {"type": float}), ("--dropout", {"type": float}),
     ("--lr", {"type": float, "help": "lr_A; lr_B = ratio * lr_A"}), ("--weight-decay", {"type": float}),

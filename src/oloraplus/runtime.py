@@ -17,10 +17,6 @@ import torch
 from .errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
-ATTENTIONS = ("auto", "sdpa", "eager")
-# On CPU, eager attention (two matmuls and a softmax) trains faster than SDPA's flash kernel on
-# short batches and slower on long ones (bench/NOTES.md); "auto" switches at this padded length.
-CPU_EAGER_MAX_LENGTH = 256
 
 
 def default_device() -> str:
@@ -46,29 +42,9 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def attention_kernel(choice: str, device: str, seq_len: int) -> str:
-    """The attention implementation for a training batch of padded length ``seq_len``."""
-    if choice not in ATTENTIONS:
-        raise UserError(f"attention must be one of {', '.join(ATTENTIONS)}, got '{choice}'")
-    if choice != "auto":
-        return choice
-    return "eager" if device.startswith("cpu") and seq_len <= CPU_EAGER_MAX_LENGTH else "sdpa"
-
-
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def current_attention(model: torch.nn.Module) -> str | None:
-    """The attention implementation a (PEFT-wrapped) transformers model runs now."""
-    return getattr(base_model(model).config, "_attn_implementation", None)
-
-
-def use_attention(model: torch.nn.Module, kernel: str) -> None:
-    """Switch a (PEFT-wrapped) transformers model to another attention implementation."""
-    if current_attention(model) not in (None, kernel):
-        base_model(model).set_attn_implementation(kernel)
 
 
 # glibc mallopt parameters (malloc.h)

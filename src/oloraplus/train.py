@@ -25,17 +25,8 @@ from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .runtime import (
-    ATTENTIONS,
-    attention_kernel,
-    current_attention,
-    default_device,
-    keep_freed_memory,
-    merged_for_eval,
-    prepare_for_compute,
-    resolve_precision,
-    use_attention,
-)
+from .attention import ATTENTIONS, attention_kernel, current_attention, use_attention
+from .runtime import default_device, keep_freed_memory, merged_for_eval, prepare_for_compute, resolve_precision
 from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
 METHODS = {  # method -> (init, takes a ratio)
@@ -71,7 +62,7 @@ class TrainConfig:
     max_steps: int | None = None
     metrics_mode: str = "generation"
     precision: str = "auto"
-    attention: str = "auto"  # training attention kernel: auto = eager for short batches on CPU, else SDPA
+    attention: str = "auto"  # training attention kernel: auto = grouped eager for short batches on CPU, else SDPA
     eval_batch_size: int = 8
     generation_batch_size: int = 64
     group_by_length: bool = True
@@ -327,7 +318,7 @@ def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> in
 
 class RecipeTrainer(OLoRAPlusTrainer):
     """``OLoRAPlusTrainer`` with tighter length grouping (see ``data.LengthGroupedSampler``) and
-    the attention kernel chosen per batch length (see ``runtime.attention_kernel``)."""
+    the attention kernel chosen per batch length (see ``attention.attention_kernel``)."""
 
     attention: str = "auto"
     device_kind: str = "cpu"
