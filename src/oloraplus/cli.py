@@ -10,7 +10,7 @@ import warnings
 import os
 import sys
 
-from .attention import ATTENTIONS
+from .attention import ATTENTIONS, CPU_EAGER_MAX_LENGTH
 from .data import DEFAULT_DATA
 from .errors import UserError
 
@@ -46,8 +46,8 @@ def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-steps", type=int, default=None)
         p.add_argument("--attention", choices=list(ATTENTIONS), default="auto",
-                       help="training attention kernel; auto: grouped (our eager kernel) for batches up to "
-                            "256 tokens on CPU, else SDPA; eager: transformers' own")
+                       help=f"training attention kernel; auto: grouped (our eager kernel) for batches up to "
+                            f"{CPU_EAGER_MAX_LENGTH} tokens on CPU, else SDPA; eager: transformers' own")
         p.add_argument("--target-modules", nargs="+", default=None,
                        help="module names to adapt (default: every attention and MLP Linear)")
         p.add_argument("--no-group-by-length", action="store_true", help="random batches (slower)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from .adapters import OLoRAPlusConfig, apply_olora
+from .attention import ATTENTIONS, attention_kernel, current_attention, use_attention
 from .data import DEFAULT_DATA, Example, LengthGroupedSampler, load_records, split_records, tokenize_records
 from .distributed import (end_process_group, gather_objects, is_main_process, local_device,
                           per_device_batch_size, world_size)
@@ -26,7 +27,6 @@ from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .attention import ATTENTIONS, attention_kernel, current_attention, use_attention
 from .runtime import default_device, keep_freed_memory, merged_for_eval, prepare_for_compute, resolve_precision
 from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
