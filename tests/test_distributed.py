@@ -71,12 +71,6 @@ def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, 
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1] == a["training"]["optimizer_groups_per_rank"][0]
     assert per_rank[1]["lora_B"]["lr"] == pytest.approx(RATIO * per_rank[1]["lora_A"]["lr"])
 
-    # The reported training loss is the mean over the ranks' halves of each batch, not rank 0's alone.
-    losses = b["training"]["train_loss_per_rank"]
-    assert len(losses) == 2 and losses[0] != losses[1]
-    assert b["training"]["train_loss"] == pytest.approx(sum(losses) / 2)
-    assert a["training"]["train_loss_per_rank"] == [a["training"]["train_loss"]]
-
     # Same eval loss within 2%, and training moved it by much more than that.
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     records = make_records(40)

@@ -88,16 +88,3 @@ def gather_objects(obj) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def end_process_group() -> None:
-    """Tear the process group down after a run's last collective call (a no-op without one).
-
-    A rank that reaches interpreter exit with gloo's threads still running can abort there
-    ("terminate called without an active exception", exit code -6), which torchrun reports as
-    a failed run even though every result was written.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 from .adapters import OLoRAPlusConfig, apply_olora
 from .attention import ATTENTIONS, attention_kernel, current_attention, use_attention
 from .data import DEFAULT_DATA, Example, LengthGroupedSampler, load_records, split_records, tokenize_records
-from .distributed import (end_process_group, gather_objects, is_main_process, local_device,
-                          per_device_batch_size, world_size)
+from .distributed import gather_objects, is_main_process, local_device, per_device_batch_size, world_size
 from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
@@ -264,8 +263,6 @@ def train(config: TrainConfig) -> dict:
     steps = trainer.state.global_step
     trained_tokens = _tokens_seen(train_examples, steps, config)
     rank_groups = gather_objects(optimizer_groups(trainer.optimizer))  # every rank's LoRA+ groups
-    rank_losses = gather_objects(train_output.training_loss)  # each rank's mean over its own batches
-    end_process_group()  # no collective call after this one
     if not is_main_process():
         return {}  # under torchrun, rank 0 alone evaluates and writes the run folder
 
@@ -288,8 +285,7 @@ def train(config: TrainConfig) -> dict:
         "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict()},
         "training": {
             "steps": steps,
-            "train_loss": sum(rank_losses) / len(rank_losses),
-            "train_loss_per_rank": rank_losses,
+            "train_loss": train_output.training_loss,
             "tokens": trained_tokens,
             "tokens_per_second": (_tokens_seen(train_examples, steps - _checkpoint_step(resume_from), config)
                                   / timings["train"]) if timings["train"] > 0 else None,
