@@ -10,6 +10,8 @@ and SDPA elsewhere. Evaluation always runs the model's own kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import UserError
@@ -82,6 +84,7 @@ def grouped_eager_attention(module, query, key, value, attention_mask, dropout=0
     return out.view(b, h, t, d).transpose(1, 2).contiguous(), weights.view(b, h, t, s)
 
 
+@functools.cache  # once per process: use_attention runs on every training step
 def _register_grouped() -> None:
     """Make :func:`grouped_eager_attention` selectable by name, with the eager kernel's mask."""
     from transformers import AttentionInterface
