@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,21 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 RATIO = 4.0
 
 
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries ``tag``: the launcher and its workers.
+
+    torchrun starts each worker in a process group of its own, so killing the launcher's group
+    does not reach a worker that hangs; a leftover worker also holds the test's pipes open.
+    """
+    marker = f"OLORAPLUS_TEST_TAG={tag}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def _flags(checkpoint, data, out) -> list[str]:
     return ["train", "--model", str(checkpoint), "--data", str(data), "--output", str(out),
             "--method", "olora-plus", "--ratio", str(RATIO), "--rank", "4", "--lr", "1e-2",
@@ -37,21 +54,24 @@ def _flags(checkpoint, data, out) -> list[str]:
 def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     # Both runs on CPU, also where a GPU is visible: this is the gloo path.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "OLORAPLUS_TEST_TAG": tag}
     monkeypatch.setattr("oloraplus.train.default_device", lambda: "cpu")
     env.pop("WORLD_SIZE", None)
-    # --standalone: a local rendezvous on a free port. Own session, so a hang kills the workers too.
+    # --standalone: a local rendezvous on a free port.
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "oloraplus", *_flags(tiny_checkpoint, records_file, ddp)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     try:
         stdout, stderr = launcher.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
+        _kill_tagged(tag)
         launcher.communicate()
         raise
+    finally:
+        _kill_tagged(tag)  # no worker outlives the test, whatever happened
     assert launcher.returncode == 0, stderr[-3000:]
     assert stdout.count("wrote ") == 1, "only rank 0 reports and writes"
 

@@ -12,6 +12,7 @@ import sys
 
 from .attention import ATTENTIONS, CPU_EAGER_MAX_LENGTH
 from .data import DEFAULT_DATA
+from .distributed import shutdown
 from .errors import UserError
 
 
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # under torchrun: close the process group before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -9,15 +9,22 @@ reads the same variables and wraps the model in DDP by itself (gloo on CPU, NCCL
   per step, so a run on 1 or N processes takes the same optimiser steps on the same batches and
   its results stay comparable (it must divide evenly: checked before anything is loaded);
 - only the main process (rank 0) writes the run folder (adapter, predictions, results.json) and
-  runs the evaluation; the other ranks stop after training;
+  runs the evaluation; the other ranks wait for it (``ranks_finish_together``) and all of them
+  leave together, so that no process tears down its connections while another still has them;
 - each process uses its own GPU (``cuda:LOCAL_RANK``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from datetime import timedelta
 
 from .errors import UserError
+
+# How long the other ranks wait for rank 0's evaluation: longer than any evaluation, while a
+# failing rank 0 still ends them at once (the launcher stops every worker when one fails).
+FINISH_TIMEOUT = timedelta(days=7)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -81,10 +88,48 @@ def gather_objects(obj) -> list:
 
     A collective call: every rank must call it, at the same point.
     """
+    if not _initialized():
+        return [obj]
     import torch.distributed as dist
 
-    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return world_size() > 1 and dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def ranks_finish_together():
+    """Every rank leaves this block at the same time, also when rank 0 fails inside it.
+
+    After training, rank 0 evaluates and writes while the other ranks have nothing left to do.
+    Had they exited at once, each would tear down its process group while rank 0 still held the
+    connections (a worker then aborted at exit now and then: "terminate called without an active
+    exception"). Here they wait on a barrier of their own group, whose timeout (a week) outlasts
+    any evaluation; the default group's 30 min might not. A collective: every rank must enter it
+    at the same point. A no-op outside a distributed run.
+    """
+    if not _initialized():
+        yield
+        return
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo" if dist.is_gloo_available() else None, timeout=FINISH_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+
+def shutdown() -> None:
+    """Tear down the default process group at the end of a command (every rank; else a no-op)."""
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from .adapters import OLoRAPlusConfig, apply_olora
 from .attention import ATTENTIONS, attention_kernel, current_attention, use_attention
 from .data import DEFAULT_DATA, Example, LengthGroupedSampler, load_records, split_records, tokenize_records
-from .distributed import gather_objects, is_main_process, local_device, per_device_batch_size, world_size
+from .distributed import (gather_objects, is_main_process, local_device, per_device_batch_size,
+                          ranks_finish_together, world_size)
 from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
@@ -263,45 +264,46 @@ def train(config: TrainConfig) -> dict:
     steps = trainer.state.global_step
     trained_tokens = _tokens_seen(train_examples, steps, config)
     rank_groups = gather_objects(optimizer_groups(trainer.optimizer))  # every rank's LoRA+ groups
-    if not is_main_process():
-        return {}  # under torchrun, rank 0 alone evaluates and writes the run folder
+    with ranks_finish_together():  # under torchrun the other ranks wait here for rank 0
+        if not is_main_process():
+            return {}  # rank 0 alone evaluates and writes the run folder
 
-    model.save_pretrained(out / "adapter")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
-    timings["eval_loss"] = details.pop("eval_loss_seconds")
-    timings["predict"] = details.pop("predict_seconds")
+        model.save_pretrained(out / "adapter")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
+        timings["eval_loss"] = details.pop("eval_loss_seconds")
+        timings["predict"] = details.pop("predict_seconds")
 
-    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    timings["total"] = time.perf_counter() - t0
-    results = {
-        "metrics": metrics,
-        "evaluation": details,
-        "config": asdict(config),
-        "method": {"name": config.method, "init": METHODS[config.method][0], "ratio": config.lam,
-                   "lr_A": config.lr, "lr_B": config.lr * config.lam},
-        "precision": precision,
-        "device": device,
-        "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict()},
-        "training": {
-            "steps": steps,
-            "train_loss": train_output.training_loss,
-            "tokens": trained_tokens,
-            "tokens_per_second": (_tokens_seen(train_examples, steps - _checkpoint_step(resume_from), config)
-                                  / timings["train"]) if timings["train"] > 0 else None,
-            "log": [row for row in trainer.state.log_history if "loss" in row],
-            "lr_schedule": "linear decay, no warmup (Trainer default)",
-            "trainable_parameters": trainable,
-            "processes": world_size(),
-            "per_device_batch_size": per_device_batch_size(config.batch_size),
-            "optimizer_groups_per_rank": rank_groups,
-            "resumed_from": resume_from,  # train_loss then averages the resumed steps only
-        },
-        "timings_seconds": timings,
-        "versions": library_versions(),
-    }
-    write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
-    return results
+        write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        timings["total"] = time.perf_counter() - t0
+        results = {
+            "metrics": metrics,
+            "evaluation": details,
+            "config": asdict(config),
+            "method": {"name": config.method, "init": METHODS[config.method][0], "ratio": config.lam,
+                       "lr_A": config.lr, "lr_B": config.lr * config.lam},
+            "precision": precision,
+            "device": device,
+            "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict()},
+            "training": {
+                "steps": steps,
+                "train_loss": train_output.training_loss,
+                "tokens": trained_tokens,
+                "tokens_per_second": (_tokens_seen(train_examples, steps - _checkpoint_step(resume_from), config)
+                                      / timings["train"]) if timings["train"] > 0 else None,
+                "log": [row for row in trainer.state.log_history if "loss" in row],
+                "lr_schedule": "linear decay, no warmup (Trainer default)",
+                "trainable_parameters": trainable,
+                "processes": world_size(),
+                "per_device_batch_size": per_device_batch_size(config.batch_size),
+                "optimizer_groups_per_rank": rank_groups,
+                "resumed_from": resume_from,  # train_loss then averages the resumed steps only
+            },
+            "timings_seconds": timings,
+            "versions": library_versions(),
+        }
+        write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
+        return results
 
 
 def _checkpoint_step(checkpoint: str | None) -> int:
