@@ -102,6 +102,55 @@ def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, 
     assert abs(ddp_loss - single_loss) < 0.02 * single_loss
 
 
+def _finish_worker(rank: int, init_file: str, rank0_fails: bool, queue) -> None:
+    import time
+
+    import torch.distributed as tdist
+
+    from oloraplus.distributed import ranks_finish_together, shutdown
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    outcome, moment = "left", 0.0
+    try:
+        with ranks_finish_together():
+            if rank == 0:
+                time.sleep(1.0)  # rank 0 evaluates; rank 1 waits in the block meanwhile
+                moment = time.time()  # rank 0's work ends
+                if rank0_fails:
+                    raise RuntimeError("evaluation failed")
+        moment = moment or time.time()  # rank 1 is out of the block
+    except RuntimeError as exc:
+        outcome = f"raised: {exc}"
+    finally:
+        shutdown()
+    queue.put((rank, outcome, moment))
+
+
+@pytest.mark.parametrize("rank0_fails", [False, True])
+def test_ranks_leave_together_also_when_rank_0_fails(tmp_path, rank0_fails):
+    """The other ranks wait for rank 0's evaluation, and rank 0's error does not strand them."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_finish_worker, args=(r, str(tmp_path / "init"), rank0_fails, queue))
+               for r in (0, 1)]
+    for w in workers:
+        w.start()
+    try:
+        results = {rank: (outcome, t) for rank, outcome, t in (queue.get(timeout=90) for _ in workers)}
+        for w in workers:
+            w.join(timeout=30)
+        assert [w.exitcode for w in workers] == [0, 0]
+    finally:
+        for w in workers:
+            w.kill()
+    assert results[0][0] == ("raised: evaluation failed" if rank0_fails else "left")
+    assert results[1][0] == "left"
+    assert results[1][1] >= results[0][1]  # rank 1 left only after rank 0's work was done
+
+
 def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
     from oloraplus.distributed import local_device
     from oloraplus.errors import UserError
