@@ -69,3 +69,75 @@ def test_train_and_evaluate_keep_freed_memory_before_loading_the_model(tmp_path,
                  "--output", str(run)]) == 0
     assert main(["evaluate", *common, "--adapter", str(run / "adapter"), "--output", str(tmp_path / "eval")]) == 0
     assert calls == ["cpu", "load", "cpu", "load"]
+
+
+def test_compiled_layers_compute_what_the_eager_layers_compute():
+    """Regional compilation: each decoder layer compiled, same loss and LoRA gradients, undone for eval."""
+    import torch
+    from conftest import tiny_model
+
+    from oloraplus.adapters import OLoRAPlusConfig, apply_olora
+    from oloraplus.runtime import compile_layers, decoder_layers, merged_for_eval, uncompile_layers
+
+    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4))
+    ids = torch.randint(0, 320, (2, 12))
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = loss_and_grads()
+    assert compile_layers(model, "cpu") == 2 == len(decoder_layers(model))
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    compiled_loss, compiled_grads = loss_and_grads()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == 2 * 7 * 2
+    for name, grad in eager_grads.items():
+        # fused kernels sum in another order: the tolerance is scaled to each gradient's size
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+    merged = merged_for_eval(model)
+    assert all(m._compiled_call_impl is None for m in merged.modules())
+    uncompile_layers(merged)  # idempotent
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    import torch
+
+    from oloraplus.errors import UserError
+    from oloraplus.runtime import compile_layers
+
+    with pytest.raises(UserError, match="no decoder layers"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cpu")
+
+
+def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch):
+    from conftest import tiny_model
+
+    from oloraplus.errors import UserError
+    from oloraplus.runtime import compile_layers
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        compile_layers(tiny_model("llama"), "cpu")
+
+
+def test_train_with_compile_learns_what_train_without_it_learns(tmp_path, tiny_checkpoint, records_file, monkeypatch):
+    import json
+
+    from oloraplus import train as train_module
+    from oloraplus.cli import main
+
+    monkeypatch.setattr(train_module, "default_device", lambda: "cpu")
+    common = ["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--n-train", "16",
+              "--n-eval", "4", "--max-new-tokens", "4", "--precision", "fp32", "--no-progress", "--method",
+              "olora-plus", "--ratio", "4", "--rank", "4", "--lr", "1e-2", "--batch-size", "4"]
+    assert main([*common, "--output", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--compile", "--output", str(tmp_path / "compiled")]) == 0
+    eager, compiled = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("eager", "compiled"))
+    assert (eager["config"]["compile"], compiled["config"]["compile"]) == (False, True)
+    assert compiled["training"]["steps"] == eager["training"]["steps"] == 4
+    assert abs(compiled["metrics"]["eval_loss"] - eager["metrics"]["eval_loss"]) < 1e-4 * eager["metrics"]["eval_loss"]
+    assert abs(compiled["training"]["train_loss"] - eager["training"]["train_loss"]) < 1e-4 * eager["training"]["train_loss"]

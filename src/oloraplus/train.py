@@ -27,7 +27,8 @@ from .errors import UserError, check_positive
 from .evaluation import METRIC_MODES, collate, evaluate_model
 from .files import write_json_atomic, write_text_atomic
 from .models import DEFAULT_MODEL, load_model
-from .runtime import default_device, keep_freed_memory, merged_for_eval, prepare_for_compute, resolve_precision
+from .runtime import (compile_layers, default_device, keep_freed_memory, merged_for_eval, prepare_for_compute,
+                      resolve_precision)
 from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments, optimizer_groups
 
 METHODS = {  # method -> (init, takes a ratio)
@@ -64,6 +65,7 @@ class TrainConfig:
     metrics_mode: str = "generation"
     precision: str = "auto"
     attention: str = "auto"  # training attention kernel: auto = grouped eager for short batches on CPU, else SDPA
+    compile: bool = False  # torch.compile each decoder layer for training (pays on long runs; runtime.compile_layers)
     eval_batch_size: int = 8
     generation_batch_size: int = 64
     group_by_length: bool = True
@@ -175,7 +177,7 @@ RUN_CONFIG = "run_config.json"  # OUTPUT/checkpoints/run_config.json: the flags 
 # Flags that change where, how fast or what is observed, not the results: a resumed run (or a
 # resumed grid) may change them.
 RESULT_NEUTRAL_FLAGS = frozenset({"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
-                                  "eval_batch_size", "generation_batch_size", "attention"})
+                                  "eval_batch_size", "generation_batch_size", "attention", "compile"})
 
 
 def resume_checkpoint(config: TrainConfig) -> str | None:
@@ -252,6 +254,8 @@ def train(config: TrainConfig) -> dict:
     model = apply_olora(model, config.adapter_config())
     timings["init"] = time.perf_counter() - t
     prepare_for_compute(model, precision, device)
+    if config.compile:
+        compile_layers(model, device)
 
     trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
     if config.track_dynamics:

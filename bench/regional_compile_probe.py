@@ -1,0 +1,55 @@
+"""Probe: each decoder layer torch.compiled (`runtime.compile_layers`) vs eager, SmolLM2 training steps on CPU.
+
+Forward + backward of 8 real length-sorted batches of the bench split (bf16, LoRA r = 32, the grouped
+attention kernel), compiled and eager alternated on each batch, 2 repeats, wall time, 2 threads; prints
+the first three compiled steps (the compile) and the ratio. Run twice from the repo root, the first time
+with an empty cache: TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python bench/regional_compile_probe.py
+"""
+import time
+from oloraplus.adapters import apply_olora
+from oloraplus.attention import GROUPED, use_attention
+from oloraplus.bench import BenchConfig, _split_examples
+from oloraplus.evaluation import collate, response_loss
+from oloraplus.models import load_model
+from oloraplus.runtime import autocast, compile_layers, decoder_layers, keep_freed_memory, prepare_for_compute
+from oloraplus.train import TrainConfig
+keep_freed_memory("cpu")
+name = "smollm2-135m"
+model, tok = load_model(name)
+_, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
+train.sort(key=lambda e: len(e.input_ids))
+batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
+model = apply_olora(model, TrainConfig(output="unused", model=name, method="olora-plus", ratio=0.25).adapter_config())
+prepare_for_compute(model, "bf16", "cpu")
+model.train(); use_attention(model, GROUPED)
+t0 = time.perf_counter()
+compile_layers(model, "cpu")
+layers = decoder_layers(model)
+def step(b):
+    t = time.perf_counter()
+    with autocast("bf16", "cpu"):
+        loss = response_loss(model, **b)
+    loss.backward(); model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t, loss.item()
+w = []
+for b in batches[:3]:
+    w.append(step(b))
+print("compiled first 3 steps", [round(x[0], 1) for x in w], "total since compile call", round(time.perf_counter() - t0, 1), flush=True)
+# alternate compiled vs eager: toggle via _compiled_call_impl
+compiled_impls = [layer._compiled_call_impl for layer in layers]
+
+
+def set_mode(compiled: bool) -> None:
+    for layer, impl in zip(layers, compiled_impls):
+        layer._compiled_call_impl = impl if compiled else None
+
+
+sec = {"eager": 0.0, "compiled": 0.0}; losses = {}
+for rep in range(2):
+    for b in batches:
+        for mode in ("eager", "compiled"):
+            set_mode(mode == "compiled")
+            s, l = step(b); sec[mode] += s; losses.setdefault(mode, []).append(l)
+    print(rep, sec, flush=True)
+print("ratio eager/compiled", sec["eager"] / sec["compiled"])
+print("loss diff max", max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])))
