@@ -124,20 +124,31 @@ def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch):
         compile_layers(tiny_model("llama"), "cpu")
 
 
-def test_train_with_compile_learns_what_train_without_it_learns(tmp_path, tiny_checkpoint, records_file, monkeypatch):
+def test_a_grid_with_compile_trains_each_run_compiled_and_like_without_it(tmp_path, tiny_checkpoint, records_file,
+                                                                           monkeypatch):
+    """`--compile` through `sweep`: two runs in one process, each compiled, each learning what it learns eagerly."""
     import json
 
     from oloraplus import train as train_module
     from oloraplus.cli import main
 
     monkeypatch.setattr(train_module, "default_device", lambda: "cpu")
-    common = ["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--n-train", "16",
-              "--n-eval", "4", "--max-new-tokens", "4", "--precision", "fp32", "--no-progress", "--method",
-              "olora-plus", "--ratio", "4", "--rank", "4", "--lr", "1e-2", "--batch-size", "4"]
+    compiled_counts: list[int] = []
+    compile_layers = train_module.compile_layers
+    monkeypatch.setattr(train_module, "compile_layers", lambda *a: compiled_counts.append(compile_layers(*a)))
+    common = ["sweep", "--models", str(tiny_checkpoint), "--ratios", "1", "4", "--seeds", "1", "--data",
+              str(records_file), "--n-train", "8", "--n-eval", "4", "--batch-size", "4", "--rank", "4",
+              "--max-new-tokens", "4", "--metrics-mode", "teacher-forced", "--precision", "fp32", "--no-progress"]
     assert main([*common, "--output", str(tmp_path / "eager")]) == 0
     assert main([*common, "--compile", "--output", str(tmp_path / "compiled")]) == 0
-    eager, compiled = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("eager", "compiled"))
-    assert (eager["config"]["compile"], compiled["config"]["compile"]) == (False, True)
-    assert compiled["training"]["steps"] == eager["training"]["steps"] == 4
-    assert abs(compiled["metrics"]["eval_loss"] - eager["metrics"]["eval_loss"]) < 1e-4 * eager["metrics"]["eval_loss"]
-    assert abs(compiled["training"]["train_loss"] - eager["training"]["train_loss"]) < 1e-4 * eager["training"]["train_loss"]
+    assert compiled_counts == [2, 2]  # both runs, each with its 2 decoder layers
+    eager, compiled = ([json.loads(line) for line in (tmp_path / grid / "runs.jsonl").read_text().splitlines()]
+                       for grid in ("eager", "compiled"))
+    assert [r["ratio"] for r in compiled] == [r["ratio"] for r in eager] == [1.0, 4.0]
+    for e, c in zip(eager, compiled):
+        results_e, results_c = (json.loads((tmp_path / grid / r["run_dir"] / "results.json").read_text())
+                                for grid, r in (("eager", e), ("compiled", c)))
+        assert (results_e["config"]["compile"], results_c["config"]["compile"]) == (False, True)
+        assert results_c["training"]["steps"] == results_e["training"]["steps"] == 2
+        for loss in (lambda r: r["metrics"]["eval_loss"], lambda r: r["training"]["train_loss"]):
+            assert abs(loss(results_c) - loss(results_e)) < 1e-4 * loss(results_e)

@@ -136,9 +136,18 @@ def compile_layers(model: torch.nn.Module, device: str) -> int:
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
-    """Run every module eagerly again (undoes :func:`compile_layers`)."""
+    """Run every module eagerly again (undoes :func:`compile_layers`).
+
+    Also drops the process's compiled code, so that the next run in the same process (a grid)
+    compiles afresh (from inductor's disk cache) instead of piling up recompilations until dynamo
+    gives up on them, and does not keep this model's graphs alive.
+    """
+    compiled = False
     for module in model.modules():
+        compiled |= module._compiled_call_impl is not None
         module._compiled_call_impl = None
+    if compiled:
+        torch.compiler.reset()
 
 
 def merged_for_eval(model: torch.nn.Module) -> torch.nn.Module:
