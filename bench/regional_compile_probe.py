@@ -5,23 +5,16 @@ attention kernel), compiled and eager alternated on each batch, 2 repeats, wall 
 the first three compiled steps (the compile) and the ratio. Run twice from the repo root, the first time
 with an empty cache: TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python bench/regional_compile_probe.py
 """
+import sys
 import time
-from oloraplus.adapters import apply_olora
-from oloraplus.attention import GROUPED, use_attention
-from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.models import load_model
-from oloraplus.runtime import autocast, compile_layers, decoder_layers, keep_freed_memory, prepare_for_compute
-from oloraplus.train import TrainConfig
-keep_freed_memory("cpu")
-name = "smollm2-135m"
-model, tok = load_model(name)
-_, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
-train.sort(key=lambda e: len(e.input_ids))
-batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
-model = apply_olora(model, TrainConfig(output="unused", model=name, method="olora-plus", ratio=0.25).adapter_config())
-prepare_for_compute(model, "bf16", "cpu")
-model.train(); use_attention(model, GROUPED)
+
+sys.path.insert(0, "bench")
+from probe_setup import training_model_and_batches  # noqa: E402
+
+from oloraplus.evaluation import response_loss  # noqa: E402
+from oloraplus.runtime import autocast, compile_layers, decoder_layers  # noqa: E402
+
+model, batches = training_model_and_batches()
 t0 = time.perf_counter()
 compile_layers(model, "cpu")
 layers = decoder_layers(model)
