@@ -10,40 +10,20 @@ Run from the repo root on a quiet machine:
 import sys
 import time
 
-from oloraplus.adapters import apply_olora
-from oloraplus.attention import GROUPED, use_attention
-from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.data import DEFAULT_DATA, load_records, tokenize_records
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.models import load_model
-from oloraplus.runtime import autocast, keep_freed_memory, prepare_for_compute
-from oloraplus.train import TrainConfig
+sys.path.insert(0, "bench")
+from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
-keep_freed_memory("cpu")
+from oloraplus.attention import GROUPED, use_attention  # noqa: E402
+
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
-model, tok = load_model(name)
-if len(sys.argv) > 2:
-    examples, _ = tokenize_records(load_records(DEFAULT_DATA).records[:3000], tok, 512)
-    examples.sort(key=lambda e: len(e.input_ids))
-    batches = []
-    for length in (int(x) for x in sys.argv[2].split(",")):
-        i = min(range(len(examples)), key=lambda j: abs(len(examples[j].input_ids) - length))
-        batches.append(collate(examples[max(0, i - 8) : max(8, i)], tok.pad_token_id))
-else:
-    _, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
-    train.sort(key=lambda e: len(e.input_ids))
-    batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
-model = apply_olora(model, TrainConfig(output="unused", model=name, method="olora-plus", ratio=0.25).adapter_config())
-prepare_for_compute(model, "bf16", "cpu")
-model.train()
+lengths = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else None
+model, batches = training_model_and_batches(name, lengths)
 
 
 def step(batch, kernel: str) -> float:
     use_attention(model, kernel)
     t = time.perf_counter()
-    with autocast("bf16", "cpu"):
-        loss = response_loss(model, **batch)
-    loss.backward()
+    forward_backward(model, batch)
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t
 

@@ -3,17 +3,20 @@
 Single thread, thread CPU time, the two variants alternated on the same real batches
 (bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python bench/compile_probe.py
 """
+import sys
 import time
 
 import torch
 torch.set_num_threads(1)
+sys.path.insert(0, "bench")
+from probe_setup import forward_backward  # noqa: E402
 from oloraplus.adapters import apply_olora
 from oloraplus.models import load_model
 from oloraplus.attention import use_attention
-from oloraplus.runtime import autocast, prepare_for_compute
+from oloraplus.runtime import prepare_for_compute
 from oloraplus.train import TrainConfig
 from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.evaluation import collate, response_loss
+from oloraplus.evaluation import collate
 
 cfg = BenchConfig(model="smollm2-135m", data="../shared/data/alpaca/alpaca_data.json", n_train=256, n_eval=8)
 tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)
@@ -30,9 +33,7 @@ compiled = torch.compile(model, dynamic=True)
 
 def step(m, b):
     t = time.thread_time()
-    with autocast("bf16", "cpu"):
-        loss = response_loss(m, **b)
-    loss.backward()
+    forward_backward(m, b)
     model.zero_grad(set_to_none=True)
     return time.thread_time() - t
 

@@ -13,11 +13,9 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 sys.path.insert(0, "bench")
-from probe_setup import training_model_and_batches  # noqa: E402
+from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
 from oloraplus.adapters import AddmmLoRA  # noqa: E402
-from oloraplus.evaluation import response_loss  # noqa: E402
-from oloraplus.runtime import autocast  # noqa: E402
 
 model, batches = training_model_and_batches()
 
@@ -70,12 +68,10 @@ def step(batch, mode):
     MODE["now"] = mode
     AddmmLoRA.forward = staticmethod(inplace if mode == "inplace" else addmm_forward)
     t = time.perf_counter()
-    with autocast("bf16", "cpu"):
-        loss = response_loss(model, **batch)
-    loss.backward()
+    loss = forward_backward(model, batch)
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad][:4]
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t, loss.item(), grads
+    return time.perf_counter() - t, loss, grads
 
 
 MODES = ["addmm", "inplace", "fold"]

@@ -1,26 +1,48 @@
-"""Shared set-up of the whole-step probes: SmolLM2 (or another registry model) as `oloraplus train` runs it.
+"""Shared set-up of the whole-step probes: a registry model as `oloraplus train` runs it, and one step.
 
 OLoRA+ adapters (r = 32, ratio 0.25), frozen weights in bf16, `AddmmLoRA`, the grouped attention kernel,
-freed memory kept; 8 length-sorted batches of 8 of the bench's 256-record split (every 32nd record).
+freed memory kept. Batches of 8 real Alpaca records: without lengths, 8 length-sorted batches of the
+bench's 256-record split (every 32nd record); with lengths, for each the 8 records of the first 3000
+nearest below that length.
 """
 from oloraplus.adapters import apply_olora
 from oloraplus.attention import GROUPED, use_attention
 from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.evaluation import collate
+from oloraplus.data import DEFAULT_DATA, load_records, tokenize_records
+from oloraplus.evaluation import collate, response_loss
 from oloraplus.models import load_model
-from oloraplus.runtime import keep_freed_memory, prepare_for_compute
+from oloraplus.runtime import autocast, keep_freed_memory, prepare_for_compute
 from oloraplus.train import TrainConfig
 
 
-def training_model_and_batches(name: str = "smollm2-135m"):
+def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | None = None):
     keep_freed_memory("cpu")
     model, tok = load_model(name)
-    _, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
-    train.sort(key=lambda e: len(e.input_ids))
-    batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
+    if lengths:
+        examples, _ = tokenize_records(load_records(DEFAULT_DATA).records[:3000], tok, 512)
+        examples.sort(key=lambda e: len(e.input_ids))
+        batches = []
+        for length in lengths:
+            i = min(range(len(examples)), key=lambda j: abs(len(examples[j].input_ids) - length))
+            batches.append(collate(examples[max(0, i - 8) : max(8, i)], tok.pad_token_id))
+    else:
+        _, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
+        train.sort(key=lambda e: len(e.input_ids))
+        batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
     config = TrainConfig(output="unused", model=name, method="olora-plus", ratio=0.25).adapter_config()
     model = apply_olora(model, config)
     prepare_for_compute(model, "bf16", "cpu")
     model.train()
     use_attention(model, GROUPED)
     return model, batches
+
+
+def forward_backward(model, batch) -> float:
+    """One training step's forward and backward (bf16 autocast, loss on the responses); returns the loss.
+
+    The gradients stay in the parameters: the caller reads or clears them.
+    """
+    with autocast("bf16", "cpu"):
+        loss = response_loss(model, **batch)
+    loss.backward()
+    return loss.item()

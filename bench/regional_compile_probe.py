@@ -9,10 +9,9 @@ import sys
 import time
 
 sys.path.insert(0, "bench")
-from probe_setup import training_model_and_batches  # noqa: E402
+from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
-from oloraplus.evaluation import response_loss  # noqa: E402
-from oloraplus.runtime import autocast, compile_layers, decoder_layers  # noqa: E402
+from oloraplus.runtime import compile_layers, decoder_layers  # noqa: E402
 
 model, batches = training_model_and_batches()
 t0 = time.perf_counter()
@@ -20,10 +19,9 @@ compile_layers(model, "cpu")
 layers = decoder_layers(model)
 def step(b):
     t = time.perf_counter()
-    with autocast("bf16", "cpu"):
-        loss = response_loss(model, **b)
-    loss.backward(); model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t, loss.item()
+    loss = forward_backward(model, b)
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t, loss
 w = []
 for b in batches[:3]:
     w.append(step(b))
