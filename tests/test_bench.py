@@ -26,7 +26,7 @@ def bench_records(tmp_path):
 
 def test_bench_on_a_tiny_checkpoint(tiny_checkpoint, bench_records, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    sizes = {"n_train": 32, "n_eval": 16, "generation_prompts": 16, "max_new_tokens": 8, "reference_orders": 2}
+    sizes = {"n_train": 32, "n_eval": 16, "generation_prompts": 16, "max_new_tokens": 8, "orders": 2}
     run_bench([str(tiny_checkpoint)], quick=True, output=str(out), data=str(bench_records), sizes=sizes)
     printed = capsys.readouterr().out
     assert "train tokens/s (useful)" in printed and str(out) in printed
@@ -35,11 +35,19 @@ def test_bench_on_a_tiny_checkpoint(tiny_checkpoint, bench_records, tmp_path, ca
     (r,) = result["models"].values()
     assert {k: r["config"][k] for k in sizes} == sizes
     train = r["train"]
-    # the speed-up is against the reference's median speed over its data orders
-    orders = train["reference_tokens_per_second_orders"]
-    assert len(orders) == 2 and train["reference_tokens_per_second"] == pytest.approx(sum(orders) / 2)
-    assert len(train["reference_eval_loss_orders"]) == 2
+    # both stacks trained on each data order; the speed-up is the ratio of the medians
+    for stack in ("reference", "ours"):
+        orders = train[f"{stack}_tokens_per_second_orders"]
+        assert len(orders) == 2 and train[f"{stack}_tokens_per_second"] == pytest.approx(sum(orders) / 2)
+        losses = train[f"{stack}_eval_loss_orders"]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        assert train[f"{stack}_eval_loss_spread"] == pytest.approx(abs(losses[0] - losses[1]) / (sum(losses) / 2))
+    assert train["ours_eval_loss_orders"][0] == train["ours_eval_loss"]
+    # a different data order trains a different model
+    assert train["ours_eval_loss_orders"][0] != train["ours_eval_loss_orders"][1]
     assert train["speedup"] == pytest.approx(train["ours_tokens_per_second"] / train["reference_tokens_per_second"])
+    assert train["speedup_orders"] == pytest.approx(
+        [o / r for o, r in zip(train["ours_tokens_per_second_orders"], train["reference_tokens_per_second_orders"])])
     assert math.isfinite(train["ours_eval_loss"]) and math.isfinite(train["reference_eval_loss"])
     gen = r["generation"]
     assert gen["prompts"] == 16

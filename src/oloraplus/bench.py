@@ -4,12 +4,16 @@ The reference is what the paper describes: a plain ``transformers.Trainer`` with
 defaults (fp32, random batches padded to the longest, loss over the full vocabulary at every
 position), PEFT's ``init_lora_weights="olora"`` and ``peft.optimizers.create_loraplus_optimizer``.
 Ours is exactly what ``oloraplus train`` runs. Both see the same records (issue 2's split) with
-the same seed and batch size. Each training runs in its own child process so that each peak
-RSS is its own; the children run one after another inside one ``bench`` invocation.
+the same seeds and batch size. Each training runs in its own child process so that each peak
+RSS is its own; the children run one after another inside one ``bench`` invocation. Both stacks
+train once on each of ``orders`` data orders (seeds), alternately (ours, reference, ours, ...), so
+that a slower or faster spell of the machine falls on both; the speed-up is the ratio of the two
+medians over the orders.
 
 Reported (printed as a table and written as JSON):
-- ``train``: useful (non-pad) tokens/s and peak RSS of both, ``speedup`` = ours / reference,
-  and both eval losses (same fp32 eval code for both) after the same records;
+- ``train``: useful (non-pad) tokens/s of both (median and per order) and peak RSS,
+  ``speedup`` = ours / reference (medians), and both eval losses (same fp32 eval code for both)
+  after the same records, per order;
 - ``olora_plus_overhead``: our step time at ratio 16 over ratio 1, steps interleaved;
 - ``init``: whole-model OLoRA init time, ours vs PEFT's;
 - ``generation``: new tokens/s of our batched greedy generation vs a one-prompt-at-a-time
@@ -52,7 +56,7 @@ class BenchConfig:
     seed: int = 0
     data_seed: int = 42
     max_length: int = 512
-    reference_orders: int = 3  # data orders (seeds) for the reference's eval-loss spread
+    orders: int = 3  # data orders (seeds): each stack trains once on each, for the medians and spreads
     generation_prompts: int = 64
     max_new_tokens: int = 64
 
@@ -112,8 +116,9 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
             "eval_loss": _eval_loss_merged(model, evals, tokenizer.pad_token_id), "peak_rss_mb": _peak_rss_mb()}
 
 
-def child_ours(cfg: BenchConfig) -> dict:
-    """``oloraplus train``'s pipeline, then the overhead, generation and FLOP measurements."""
+def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
+    """``oloraplus train``'s pipeline and the eval loss; then (``measure_all``) the overhead,
+    generation and FLOP measurements, which the repeats over data orders skip."""
     from transformers import set_seed
 
     from .adapters import apply_olora
@@ -123,14 +128,14 @@ def child_ours(cfg: BenchConfig) -> dict:
     from .train import TrainConfig, build_trainer
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
-                     n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed, batch_size=cfg.batch_size,
+                     n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
                      progress=False)
     device = default_device()
     precision = resolve_precision(tc.precision, device)
     keep_freed_memory(device)  # as `oloraplus train` does; the reference keeps glibc's defaults
     model, tokenizer = load_model(cfg.model)
     _, train, evals = _split_examples(cfg, tokenizer)
-    set_seed(cfg.seed)
+    set_seed(seed)
     model = apply_olora(model, tc.adapter_config())
     prepare_for_compute(model, precision, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +146,9 @@ def child_ours(cfg: BenchConfig) -> dict:
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
               "precision": precision, "peak_rss_mb": _peak_rss_mb()}
+    if not measure_all:
+        result["eval_loss"] = _eval_loss_merged(model, evals, tokenizer.pad_token_id)
+        return result
     with autocast(precision, device):
         result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
         result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
@@ -326,7 +334,7 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
     # Generation is measured on one full batch of evaluation prompts (64, the batch size
     # `oloraplus train` generates with), so that the bench sees the batching a real run uses.
     sizes = {"n_train": 128 if quick else 256, "n_eval": 64, "generation_prompts": 64,
-             "reference_orders": 1 if quick else 3, **(sizes or {})}
+             "orders": 1 if quick else 3, **(sizes or {})}
     _check_inputs(models, data, output, sizes["n_train"] + sizes["n_eval"])
     start = time.perf_counter()
     # The 1/5/15-minute load averages before and after: other work on the machine slows
@@ -341,31 +349,35 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
         cfg = BenchConfig(model=name, data=data, **sizes)
         print(f"[{name}] init ...", flush=True)
         init = _run_child("init", cfg)
-        print(f"[{name}] ours: training {cfg.n_train} records ...", flush=True)
-        ours = _run_child("ours", cfg)
-        refs = []
-        for k in range(cfg.reference_orders):
-            print(f"[{name}] reference (data order {k}): training {cfg.n_train} records ...", flush=True)
-            refs.append(_run_child("reference", cfg, seed=cfg.seed + k))
-        ref = refs[0]
-        ref_losses = [r["eval_loss"] for r in refs]
-        # The reference's speed depends on its data order (random batches pad differently), so
-        # the speed-up is taken against its median over the orders run.
-        ref_speeds = [r["tokens_per_second"] for r in refs]
-        ref_speed = statistics.median(ref_speeds)
-        flops = ours["flops_per_token"] * ours["tokens_per_second"]
+        runs = {"ours": [], "reference": []}
+        for k in range(cfg.orders):
+            for kind in runs:
+                print(f"[{name}] {kind} (data order {k}): training {cfg.n_train} records ...", flush=True)
+                extra = {"measure_all": k == 0} if kind == "ours" else {}
+                runs[kind].append(_run_child(kind, cfg, seed=cfg.seed + k, **extra))
+        ours, ref = runs["ours"][0], runs["reference"][0]
+        # The reference's speed depends on its data order (random batches pad differently), and
+        # both depend on how busy the machine is: the speed-up is the ratio of the medians.
+        speeds = {kind: [r["tokens_per_second"] for r in rs] for kind, rs in runs.items()}
+        losses = {kind: [r["eval_loss"] for r in rs] for kind, rs in runs.items()}
+        ours_speed, ref_speed = statistics.median(speeds["ours"]), statistics.median(speeds["reference"])
+        flops = ours["flops_per_token"] * ours_speed
         results["models"][name] = {
             "config": asdict(cfg),
             "train": {
                 "reference_tokens_per_second": ref_speed,
-                "reference_tokens_per_second_orders": ref_speeds,
-                "ours_tokens_per_second": ours["tokens_per_second"],
-                "speedup": ours["tokens_per_second"] / ref_speed,
+                "reference_tokens_per_second_orders": speeds["reference"],
+                "ours_tokens_per_second": ours_speed,
+                "ours_tokens_per_second_orders": speeds["ours"],
+                "speedup": ours_speed / ref_speed,
+                "speedup_orders": [o / r for o, r in zip(speeds["ours"], speeds["reference"])],
                 "reference_peak_rss_mb": ref["peak_rss_mb"], "ours_peak_rss_mb": ours["peak_rss_mb"],
                 "reference_eval_loss": ref["eval_loss"], "ours_eval_loss": ours["eval_loss"],
                 "eval_loss_rel_diff": abs(ours["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"],
-                "reference_eval_loss_orders": ref_losses,
-                "reference_eval_loss_spread": (max(ref_losses) - min(ref_losses)) / statistics.mean(ref_losses),
+                "reference_eval_loss_orders": losses["reference"],
+                "reference_eval_loss_spread": _spread(losses["reference"]),
+                "ours_eval_loss_orders": losses["ours"],
+                "ours_eval_loss_spread": _spread(losses["ours"]),
                 "ours_precision": ours["precision"],
             },
             "olora_plus_overhead": ours["overhead"]["olora_plus_overhead"],
@@ -388,11 +400,18 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
     return results
 
 
+def _spread(values: list[float]) -> float:
+    """(max - min) / mean: the relative spread of a measurement over the data orders."""
+    return (max(values) - min(values)) / statistics.mean(values)
+
+
 def print_table(models: dict) -> None:
     for name, r in models.items():
         t, g = r["train"], r["generation"]
         rows = [
             ("train tokens/s (useful)", f"{t['reference_tokens_per_second']:.0f}", f"{t['ours_tokens_per_second']:.0f}", f"{t['speedup']:.2f}x"),
+            ("  per data order", _joined(t["reference_tokens_per_second_orders"]),
+             _joined(t["ours_tokens_per_second_orders"]), _joined(t["speedup_orders"], "{:.2f}")),
             ("train peak RSS MB", f"{t['reference_peak_rss_mb']:.0f}", f"{t['ours_peak_rss_mb']:.0f}", ""),
             ("eval loss after training", f"{t['reference_eval_loss']:.4f}", f"{t['ours_eval_loss']:.4f}", f"{100 * t['eval_loss_rel_diff']:.2f}% apart"),
             ("OLoRA init s", f"{r['init']['peft_seconds']:.2f}", f"{r['init']['ours_seconds']:.2f}", f"{r['init']['speedup']:.2f}x"),
@@ -402,10 +421,14 @@ def print_table(models: dict) -> None:
             ("roofline fraction (bf16)", "", f"{r['roofline_fraction']:.3f}", f"{r['useful_gflops']:.0f} GFLOP/s"),
         ]
         print(f"\n{name}")
-        print(f"{'measure':32} {'reference':>12} {'ours':>12}  ratio")
+        print(f"{'measure':32} {'reference':>16} {'ours':>16}  ratio")
         for row in rows:
-            print(f"{row[0]:32} {row[1]:>12} {row[2]:>12}  {row[3]}")
+            print(f"{row[0]:32} {row[1]:>16} {row[2]:>16}  {row[3]}")
         print(flush=True)
+
+
+def _joined(values: list[float], fmt: str = "{:.0f}") -> str:
+    return " / ".join(fmt.format(v) for v in values)
 
 
 if __name__ == "__main__":
