@@ -122,18 +122,14 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
     from transformers import set_seed
 
     from .adapters import apply_olora
-    from .models import load_model
-    from .runtime import (autocast, default_device, keep_freed_memory, merged_for_eval, prepare_for_compute,
-                          resolve_precision)
-    from .train import TrainConfig, build_trainer
+    from .runtime import autocast, default_device, merged_for_eval, prepare_for_compute
+    from .train import TrainConfig, build_trainer, load_base_model
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
                      n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
                      progress=False)
     device = default_device()
-    precision = resolve_precision(tc.precision, device)
-    keep_freed_memory(device)  # as `oloraplus train` does; the reference keeps glibc's defaults
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer, precision = load_base_model(tc, device)  # the reference keeps glibc's malloc defaults
     _, train, evals = _split_examples(cfg, tokenizer)
     set_seed(seed)
     model = apply_olora(model, tc.adapter_config())

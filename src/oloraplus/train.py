@@ -242,9 +242,7 @@ def train(config: TrainConfig) -> dict:
     t0 = time.perf_counter()
     split = load_split(config)
     device = local_device(default_device())
-    precision = resolve_precision(config.precision, device)
-    keep_freed_memory(device)
-    model, tokenizer = load_model(config.model, device=device)
+    model, tokenizer, precision = load_base_model(config, device)
     train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
     timings["load"] = time.perf_counter() - t0
@@ -405,6 +403,18 @@ def run_evaluation(config, model, tokenizer, split, eval_examples):
     return metrics, predictions, details
 
 
+def load_base_model(config: TrainConfig, device: str):
+    """The base model and tokenizer as ``train`` and ``evaluate`` run them, and the resolved precision.
+
+    Freed memory is kept for reuse first (``runtime.keep_freed_memory``), so that the model's own
+    allocations already follow that policy.
+    """
+    precision = resolve_precision(config.precision, device)
+    keep_freed_memory(device)
+    model, tokenizer = load_model(config.model, device=device)
+    return model, tokenizer, precision
+
+
 def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     """Re-evaluate a saved adapter on the original base model (``oloraplus evaluate``)."""
     from peft import PeftModel
@@ -415,9 +425,7 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     out = prepare_output(config.output, config.overwrite)
     split = load_split(config)
     device = default_device()
-    precision = resolve_precision(config.precision, device)
-    keep_freed_memory(device)
-    model, tokenizer = load_model(config.model, device=device)
+    model, tokenizer, precision = load_base_model(config, device)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
