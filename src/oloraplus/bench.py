@@ -73,12 +73,11 @@ def _split_examples(cfg: BenchConfig, tokenizer):
     return split, train, evals
 
 
-def _eval_loss_merged(model, examples, pad_id) -> float:
-    """The same eval-loss code for both stacks: merged adapters, fp32."""
+def _eval_loss(merged, examples, pad_id) -> float:
+    """The same eval-loss code for both stacks, on the model ``runtime.merged_for_eval`` returns."""
     from .evaluation import eval_loss
-    from .runtime import merged_for_eval
 
-    return eval_loss(merged_for_eval(model), examples, pad_id, batch_size=8, progress=False)["eval_loss"]
+    return eval_loss(merged, examples, pad_id, batch_size=8, progress=False)["eval_loss"]
 
 
 def _peak_rss_mb() -> float:
@@ -93,6 +92,7 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
 
     from .adapters import default_target_modules
     from .models import load_model
+    from .runtime import merged_for_eval
     from .train import ExampleDataset, _Collator
 
     model, tokenizer = load_model(cfg.model)
@@ -113,7 +113,8 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
         seconds = time.perf_counter() - t
     tokens = sum(len(e.input_ids) for e in train)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "eval_loss": _eval_loss_merged(model, evals, tokenizer.pad_token_id), "peak_rss_mb": _peak_rss_mb()}
+            "eval_loss": _eval_loss(merged_for_eval(model), evals, tokenizer.pad_token_id),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
@@ -142,14 +143,14 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
               "precision": precision, "peak_rss_mb": _peak_rss_mb()}
-    if not measure_all:
-        result["eval_loss"] = _eval_loss_merged(model, evals, tokenizer.pad_token_id)
-        return result
-    with autocast(precision, device):
-        result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
-        result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
+    if measure_all:
+        with autocast(precision, device):
+            result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
+            result["flops_per_token"] = _useful_flops_per_token(model, train[:16])
     model = merged_for_eval(model)  # what `oloraplus train` evaluates: merged, fp32
-    result["eval_loss"] = _eval_loss_merged(model, evals, tokenizer.pad_token_id)
+    result["eval_loss"] = _eval_loss(model, evals, tokenizer.pad_token_id)
+    if not measure_all:
+        return result
     result["generation"] = _generation(model, tokenizer, evals, cfg, tc.generation_batch_size)
     result["eval_pass"] = _eval_pass(model, evals, tokenizer.pad_token_id)
     return result
