@@ -3,6 +3,7 @@
 1. New shapes: each batch of 8 has its own length, so oneDNN builds new matmul primitives for it. One
    real batch padded by 1..8 extra tokens, each variant stepped twice: first (new shapes) vs second.
 2. Fixed cost: a step on one 8-token record, where the arithmetic is nearly nothing.
+3. The same per real batch of the bench split: first step at its length against the next two.
 (bench/NOTES.md, 2026-11-29.) Run from the repo root: .venv/bin/python bench/step_overhead_probe.py
 """
 import time
@@ -40,5 +41,10 @@ tiny["labels"][0, :4] = -100
 for _ in range(3):
     step(tiny)
 times = sorted(step(tiny) for _ in range(11))
-print(f"one 8-token record: {times[5]:.3f} s per step; the real batches: "
-      + ", ".join(f"{tuple(b['input_ids'].shape)} {step(b):.2f} s" for b in batches))
+print(f"one 8-token record: {times[5]:.3f} s per step")
+# 3. The real batches, longest first (so that no step needs more memory than an earlier one), each
+#    stepped three times: the first step at a length creates its primitives (oneDNN logs each as
+#    create:cache_miss with ONEDNN_VERBOSE=profile_create).
+for b in sorted(batches[:4] + batches[5:], key=lambda b: -b["input_ids"].shape[1]):
+    first, second, third = step(b), step(b), step(b)
+    print(f"{tuple(b['input_ids'].shape)}: first {first:.2f} s, then {second:.2f} s and {third:.2f} s")
