@@ -3,7 +3,6 @@ import subprocess
 from pathlib import Path
 
 import oloraplus
-
 from oloraplus.train import library_versions, source_commit
 
 
