@@ -13,7 +13,7 @@ import time
 sys.path.insert(0, "bench")
 from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
-from oloraplus.attention import GROUPED, use_attention  # noqa: E402
+from oloraplus.fast.attention import GROUPED, use_attention  # noqa: E402
 
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
 lengths = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else None

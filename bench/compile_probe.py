@@ -10,18 +10,18 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, "bench")
 from probe_setup import forward_backward  # noqa: E402
-from oloraplus.adapters import apply_olora
-from oloraplus.models import load_model
-from oloraplus.attention import use_attention
-from oloraplus.runtime import prepare_for_compute
-from oloraplus.train import TrainConfig
-from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.evaluation import collate
+from oloraplus.method.adapters import apply_olora
+from oloraplus.models.loading import load_model
+from oloraplus.fast.attention import use_attention
+from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.training.config import TrainConfig
+from bench.harness import BenchConfig, split_examples
+from oloraplus.data.batching import collate
 
 cfg = BenchConfig(model="smollm2-135m", data="../shared/data/alpaca/alpaca_data.json", n_train=256, n_eval=8)
 tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)
 model, tok = load_model(cfg.model)
-_, train, _ = _split_examples(cfg, tok)
+_, train, _ = split_examples(cfg, tok)
 model = apply_olora(model, tc.adapter_config())
 prepare_for_compute(model, "bf16", "cpu")
 use_attention(model, "eager")

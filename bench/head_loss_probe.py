@@ -12,20 +12,22 @@ import time
 import torch
 
 from oloraplus import evaluation
-from oloraplus.adapters import apply_olora
-from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.loss import fusable_head
-from oloraplus.models import load_model
-from oloraplus.attention import attention_kernel, use_attention
-from oloraplus.runtime import autocast, prepare_for_compute
-from oloraplus.train import TrainConfig
+from oloraplus.method.adapters import apply_olora
+from bench.harness import BenchConfig, split_examples
+from oloraplus.data.batching import collate
+from oloraplus.method.loss import response_loss
+from oloraplus.fast.head_loss import fusable_head
+from oloraplus.models.loading import load_model
+from oloraplus.fast.attention import attention_kernel, use_attention
+from oloraplus.training.runtime import autocast
+from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.training.config import TrainConfig
 
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
 cfg = BenchConfig(model=name, n_train=128, n_eval=8)
 tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)
 model, tok = load_model(cfg.model)
-_, train, _ = _split_examples(cfg, tok)
+_, train, _ = split_examples(cfg, tok)
 model = apply_olora(model, tc.adapter_config())
 prepare_for_compute(model, "bf16", "cpu")
 model.train()

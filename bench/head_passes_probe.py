@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from oloraplus.runtime import keep_freed_memory
+from oloraplus.fast.memory import keep_freed_memory
 
 SHAPES = {"gemma3-270m": (262144, 640), "smollm2-135m": (49152, 576)}
 ROWS = 256

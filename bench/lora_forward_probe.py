@@ -15,7 +15,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 sys.path.insert(0, "bench")
 from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
-from oloraplus.adapters import AddmmLoRA  # noqa: E402
+from oloraplus.fast.addmm import AddmmLoRA  # noqa: E402
 
 model, batches = training_model_and_batches()
 

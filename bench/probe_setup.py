@@ -5,14 +5,18 @@ freed memory kept. Batches of 8 real Alpaca records: without lengths, 8 length-s
 bench's 256-record split (every 32nd record); with lengths, for each the 8 records of the first 3000
 nearest below that length.
 """
-from oloraplus.adapters import apply_olora
-from oloraplus.attention import GROUPED, use_attention
-from oloraplus.bench import BenchConfig, _split_examples
-from oloraplus.data import DEFAULT_DATA, load_records, tokenize_records
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.models import load_model
-from oloraplus.runtime import autocast, keep_freed_memory, prepare_for_compute
-from oloraplus.train import TrainConfig
+from oloraplus.method.adapters import apply_olora
+from oloraplus.fast.attention import GROUPED, use_attention
+from bench.harness import BenchConfig, split_examples
+from oloraplus.data.records import DEFAULT_DATA, load_records
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.data.batching import collate
+from oloraplus.method.loss import response_loss
+from oloraplus.models.loading import load_model
+from oloraplus.training.runtime import autocast
+from oloraplus.fast.memory import keep_freed_memory
+from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.training.config import TrainConfig
 
 
 def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | None = None):
@@ -26,7 +30,7 @@ def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | 
             i = min(range(len(examples)), key=lambda j: abs(len(examples[j].input_ids) - length))
             batches.append(collate(examples[max(0, i - 8) : max(8, i)], tok.pad_token_id))
     else:
-        _, train, _ = _split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
+        _, train, _ = split_examples(BenchConfig(model=name, n_train=256, n_eval=8), tok)
         train.sort(key=lambda e: len(e.input_ids))
         batches = [collate(train[i : i + 8], tok.pad_token_id) for i in range(8, 256, 32)]
     config = TrainConfig(output="unused", model=name, method="olora-plus", ratio=0.25).adapter_config()

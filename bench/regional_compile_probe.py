@@ -11,7 +11,7 @@ import time
 sys.path.insert(0, "bench")
 from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
-from oloraplus.runtime import compile_layers, decoder_layers  # noqa: E402
+from oloraplus.fast.compile import compile_layers, decoder_layers  # noqa: E402
 
 model, batches = training_model_and_batches()
 t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def tiny_tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from oloraplus.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+    from oloraplus.data.records import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
     text = " ".join(WORDS) + PROMPT_WITH_INPUT + PROMPT_NO_INPUT + " Write about the number Use word . , : # ( ) "

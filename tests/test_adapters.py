@@ -15,8 +15,9 @@ import torch
 from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
-from oloraplus.adapters import AddmmLoRA, OLoRAPlusConfig, apply_olora, lora_layers, use_addmm_lora
 from oloraplus.errors import UserError
+from oloraplus.fast.addmm import AddmmLoRA, use_addmm_lora
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora, lora_layers
 
 FAMILIES = ["llama", "opt", "gemma"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -271,4 +272,3 @@ def test_addmm_lora_leaves_other_variants_alone():
     layers[0].lora_variant["default"] = other
     assert use_addmm_lora(model) == len(layers) - 1
     assert layers[0].lora_variant["default"] is other
-

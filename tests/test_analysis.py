@@ -11,9 +11,7 @@ import torch
 from conftest import tiny_model
 from peft import get_peft_model_state_dict
 
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora, lora_layers, olora_factors
-from oloraplus.analysis import (
-    DynamicsCallback,
+from oloraplus.analysis.drift import (
     analyze_adapter,
     analyze_runs,
     effective_rank,
@@ -26,9 +24,11 @@ from oloraplus.analysis import (
     top_left_singular_vectors,
     update_in_top_subspace,
 )
+from oloraplus.analysis.dynamics import DynamicsCallback
 from oloraplus.cli import main
 from oloraplus.errors import UserError
-from oloraplus.optim import create_optimizer
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora, lora_layers, olora_factors
+from oloraplus.method.optim import create_optimizer
 
 D = torch.float64
 
@@ -212,7 +212,7 @@ def test_analyze_adapter_olora_relative_changes_and_aggregates():
 
 def test_shared_references_give_the_same_results_and_are_reused(monkeypatch):
     """Runs of one base model share the per-layer references; a sign-flipped start must not leak."""
-    import oloraplus.analysis as analysis
+    import oloraplus.analysis.drift as analysis
 
     rank = 3
     weights, state, pert = synthetic_adapter(rank)
@@ -319,8 +319,8 @@ class _Fixed(torch.utils.data.Dataset):
 
 
 def test_callback_rows_during_trainer_run(tmp_path):
-    from oloraplus.analysis import attach_dynamics
-    from oloraplus.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+    from oloraplus.analysis.dynamics import attach_dynamics
+    from oloraplus.method.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
 
     model = tiny_model("llama")
     weights = original_weights(model)

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_records, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import oloraplus.attention as attention
-from conftest import make_records, tiny_model
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora
-from oloraplus.attention import GROUPED, attention_kernel, grouped_eager_attention, use_attention
-from oloraplus.data import tokenize_records
+import oloraplus.fast.attention as attention
+from oloraplus.data.batching import collate
+from oloraplus.data.tokenize import tokenize_records
 from oloraplus.errors import UserError
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.train import TrainConfig, build_trainer
+from oloraplus.fast.attention import GROUPED, attention_kernel, grouped_eager_attention, use_attention
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+from oloraplus.method.loss import response_loss
+from oloraplus.training.config import TrainConfig
+from oloraplus.training.recipe import build_trainer
 
 
 def test_kernel_choice_by_device_and_length():
@@ -122,7 +124,7 @@ def test_grouped_kernel_in_bf16_is_as_close_to_fp32_as_the_eager_kernel():
     low = [x.detach().bfloat16() for x in (q, k, v, mask)]
     errors = {kernel.__module__: (kernel(module, *low, scaling=0.125)[0].double() - exact).norm() / exact.norm()
               for kernel in (eager_attention_forward, grouped_eager_attention)}
-    ours, theirs = errors["oloraplus.attention"], errors[eager_attention_forward.__module__]
+    ours, theirs = errors["oloraplus.fast.attention"], errors[eager_attention_forward.__module__]
     assert ours < 1e-2 and ours <= 1.1 * theirs, errors
 
 

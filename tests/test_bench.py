@@ -13,7 +13,7 @@ import math
 import pytest
 from conftest import make_records
 
-from oloraplus.bench import run_bench
+from bench.harness import run_bench
 from oloraplus.cli import main
 
 

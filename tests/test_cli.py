@@ -14,11 +14,12 @@ from conftest import make_records
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora
 from oloraplus.cli import main
-from oloraplus.data import tokenize_records
-from oloraplus.evaluation import collate, response_loss
-from oloraplus.optim import create_optimizer
+from oloraplus.data.batching import collate
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+from oloraplus.method.loss import response_loss
+from oloraplus.method.optim import create_optimizer
 
 METRICS = ("eval_loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL")
 SPLIT_FLAGS = ["--n-train", "16", "--n-eval", "8", "--max-new-tokens", "8", "--precision", "fp32", "--no-progress"]

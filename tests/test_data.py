@@ -9,16 +9,9 @@ import random
 import pytest
 from conftest import make_records
 
-from oloraplus.data import (
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
-    DataSource,
-    format_prompt,
-    load_records,
-    split_records,
-    tokenize_record,
-    tokenize_records,
-)
+from oloraplus.data.records import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, DataSource, format_prompt, load_records
+from oloraplus.data.split import split_records
+from oloraplus.data.tokenize import tokenize_record, tokenize_records
 from oloraplus.errors import UserError
 
 

@@ -20,8 +20,8 @@ from conftest import make_records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oloraplus.cli import main
-from oloraplus.data import tokenize_records
-from oloraplus.evaluation import eval_loss
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.evaluation.evaluate import eval_loss
 
 dist = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -56,7 +56,7 @@ def test_two_process_run_matches_one_process_run(tiny_checkpoint, records_file, 
     # Both runs on CPU, also where a GPU is visible: this is the gloo path.
     tag = uuid.uuid4().hex
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "OLORAPLUS_TEST_TAG": tag}
-    monkeypatch.setattr("oloraplus.train.default_device", lambda: "cpu")
+    monkeypatch.setattr("oloraplus.training.recipe.default_device", lambda: "cpu")
     env.pop("WORLD_SIZE", None)
     # --standalone: a local rendezvous on a free port.
     launcher = subprocess.Popen(
@@ -107,7 +107,7 @@ def _finish_worker(rank: int, init_file: str, rank0_fails: bool, queue) -> None:
 
     import torch.distributed as tdist
 
-    from oloraplus.distributed import ranks_finish_together, shutdown
+    from oloraplus.training.distributed import ranks_finish_together, shutdown
 
     os.environ.update(WORLD_SIZE="2", RANK=str(rank))
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -152,8 +152,8 @@ def test_ranks_leave_together_also_when_rank_0_fails(tmp_path, rank0_fails):
 
 
 def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch):
-    from oloraplus.distributed import local_device
     from oloraplus.errors import UserError
+    from oloraplus.training.distributed import local_device
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -171,7 +171,7 @@ def test_trainer_refuses_parameters_without_lora_names(tiny_tokenizer, tmp_path)
     from transformers import TrainingArguments
 
     from oloraplus.errors import UserError
-    from oloraplus.trainer import OLoRAPlusTrainer
+    from oloraplus.method.trainer import OLoRAPlusTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
     model = tiny_model("llama")  # trainable, but no LoRA parameter names

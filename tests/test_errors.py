@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import make_records, tiny_model
 
-import oloraplus.models
-import oloraplus.train
+import oloraplus.models.loading
+import oloraplus.training.recipe
 from oloraplus.cli import main
 
 SMALL = {"--n-train": "8", "--n-eval": "4", "--max-new-tokens": "4", "--precision": "fp32", "--no-progress": True,
@@ -168,8 +168,8 @@ def test_user_error(data, flags, needle, early, workspace, checkpoint, monkeypat
         def no_model(*args, **kwargs):
             raise AssertionError("a model was loaded before this error was found")
 
-        monkeypatch.setattr(oloraplus.train, "load_model", no_model)
-        monkeypatch.setattr(oloraplus.models, "load_model", no_model)  # export imports it when called
+        monkeypatch.setattr(oloraplus.training.recipe, "load_model", no_model)
+        monkeypatch.setattr(oloraplus.models.loading, "load_model", no_model)  # export imports it when called
     before = {p: p.stat().st_mtime_ns for p in workspace.rglob("*")}
 
     code = main(argv)

@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from conftest import make_records, tiny_model
 
-from oloraplus.data import tokenize_records
-from oloraplus.evaluation import (
-    collate,
-    eval_loss,
-    evaluate_model,
-    generate_responses,
-    greedy_decode,
-    response_loss,
-    teacher_forced_responses,
-)
-from oloraplus.metrics import compute_text_metrics
+from oloraplus.data.batching import collate
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.evaluation.evaluate import eval_loss, evaluate_model
+from oloraplus.evaluation.generation import generate_responses, greedy_decode, teacher_forced_responses
+from oloraplus.evaluation.metrics import compute_text_metrics
+from oloraplus.method.loss import response_loss
 
 FAMILIES = ["llama", "opt", "gemma"]
 

@@ -1,6 +1,6 @@
 """The experiment grid: expansion, presets, and resumable, failure-tolerant running.
 
-Most tests replace ``oloraplus.experiments.train`` with a fake that behaves like the real one
+Most tests replace ``oloraplus.experiments.grid.train`` with a fake that behaves like the real one
 where it matters (refuses/clears a non-empty folder via ``prepare_output``, writes
 ``results.json`` last) so the grid logic is tested in milliseconds; one test runs the real
 ``oloraplus sweep`` + ``oloraplus report`` on the tiny checkpoint.
@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import oloraplus.experiments as experiments
+import oloraplus.experiments.grid as experiments
 from oloraplus.cli import main
 from oloraplus.errors import UserError
-from oloraplus.experiments import (
-    PRESETS,
-    expand_grid,
-    format_ratio,
-    parse_ratio,
-    preset_grid,
-    run_grid,
-    safe_name,
-)
+from oloraplus.experiments.grid import PRESETS, expand_grid, format_ratio, parse_ratio, preset_grid, run_grid, safe_name
 from oloraplus.files import write_json_atomic
-from oloraplus.train import prepare_output
+from oloraplus.training.checkpoints import prepare_output
 
 
 def fake_metrics(config) -> dict:
@@ -37,7 +29,7 @@ def fake_metrics(config) -> dict:
 
 
 class FakeTrain:
-    """Stands in for ``oloraplus.train.train``: same folder handling, instant "training"."""
+    """Stands in for ``oloraplus.training.recipe.train``: same folder handling, instant "training"."""
 
     def __init__(self, fail_on: set[str] = frozenset(), interrupt_on: set[str] = frozenset()):
         self.calls: list[str] = []
@@ -376,7 +368,7 @@ def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path, monkeypatc
         (out / "results.json").write_text(json.dumps(results))
         return results
 
-    monkeypatch.setattr("oloraplus.experiments.train", fake_train)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_train)
     first = expand_grid(["m"], ratios=[16.0], seeds=1, n_train=10)
     run_grid(first, tmp_path / "a", log=lambda _: None)
     assert len(calls) == 2
@@ -412,8 +404,8 @@ def test_rescore_scores_saved_adapters_in_another_mode(tmp_path, monkeypatch):
         (out / "results.json").write_text(json.dumps(results))
         return results
 
-    monkeypatch.setattr("oloraplus.experiments.train", fake_train)
-    monkeypatch.setattr("oloraplus.train.evaluate_adapter", fake_evaluate)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_train)
+    monkeypatch.setattr("oloraplus.training.recipe.evaluate_adapter", fake_evaluate)
     run_grid(expand_grid(["m"], ratios=[16.0], seeds=2, n_train=10), tmp_path / "grid", log=lambda _: None)
     outcome = experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", seeds=[0],
                                        log=lambda _: None)
@@ -428,7 +420,7 @@ def test_track_dynamics_applies_to_chosen_seeds_and_does_not_block_resume(tmp_pa
     specs = GridSpecForTest(track_dynamics=5).expand()
     tracked = {(s.seed, s.flags.get("track_dynamics")) for s in specs}
     assert tracked == {(0, 5), (1, None)}
-    monkeypatch.setattr("oloraplus.experiments.train", _fake_results_train)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", _fake_results_train)
     run_grid(specs, tmp_path / "g", log=lambda _: None)
     # The same grid without tracking counts those runs as done (tracking does not change results).
     outcome = run_grid(GridSpecForTest().expand(), tmp_path / "g", log=lambda _: None)

@@ -15,10 +15,10 @@ from conftest import make_records
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora
 from oloraplus.cli import main
-from oloraplus.data import tokenize_records
-from oloraplus.evaluation import collate
+from oloraplus.data.batching import collate
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
 
 TOL = 1e-4
 

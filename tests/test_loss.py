@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from conftest import make_records, tiny_model
 
-from oloraplus import loss as loss_module
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora
-from oloraplus.data import tokenize_records
-from oloraplus.evaluation import collate, eval_loss, response_logits, response_loss
-from oloraplus.loss import fusable_head
-from oloraplus.runtime import autocast, prepare_for_compute
+from oloraplus.data.batching import collate
+from oloraplus.data.tokenize import tokenize_records
+from oloraplus.evaluation.evaluate import eval_loss
+from oloraplus.fast import head_loss as loss_module
+from oloraplus.fast.head_loss import fusable_head
+from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+from oloraplus.method.loss import response_logits, response_loss
+from oloraplus.training.runtime import autocast
 
 
 @pytest.fixture

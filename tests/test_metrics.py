@@ -6,7 +6,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from oloraplus.metrics import compute_text_metrics
+from oloraplus.evaluation.metrics import compute_text_metrics
 
 PREDICTIONS = [
     "The cat sat on the mat.",

@@ -13,12 +13,12 @@ import torch
 from conftest import make_records, tiny_model
 from transformers import TrainerCallback, TrainingArguments
 
-from oloraplus.adapters import OLoRAPlusConfig, apply_olora
-from oloraplus.data import tokenize_records
+from oloraplus.data.batching import Collator, ExampleDataset
+from oloraplus.data.tokenize import tokenize_records
 from oloraplus.errors import UserError
-from oloraplus.optim import create_optimizer
-from oloraplus.train import ExampleDataset, _Collator
-from oloraplus.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+from oloraplus.method.optim import create_optimizer
+from oloraplus.method.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
 
 LR = 1e-3
 WD = 0.05
@@ -134,7 +134,7 @@ def train_dataset(tiny_tokenizer):
 
 def trainer_for(model, args, dataset, tokenizer, **kwargs) -> OLoRAPlusTrainer:
     return OLoRAPlusTrainer(model=model, args=args, train_dataset=dataset,
-                            data_collator=_Collator(tokenizer.pad_token_id), **kwargs)
+                            data_collator=Collator(tokenizer.pad_token_id), **kwargs)
 
 
 def base_args(tmp_path, cls=TrainingArguments, **kwargs):

@@ -7,11 +7,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+from test_report import PNG, synthetic_rows, write_runs
 
 from oloraplus.cli import main
 from oloraplus.errors import UserError
-from oloraplus.report import build_report
-from test_report import PNG, synthetic_rows, write_runs
+from oloraplus.experiments.report import build_report
 
 # Hand-made aggregates per (ratio, seed): B drift and relative change of B, attention / MLP drift.
 DRIFT = {1.0: [0.003, 0.004, 0.002], 0.0625: [2e-5, 3e-5, 1e-5], 16.0: [0.30, 0.32, 0.31]}
@@ -113,7 +113,7 @@ def test_dynamics_files_give_the_curves_figure(tmp_path):
 
 
 def test_last_dynamics_row_stands_in_for_a_missing_analysis(tmp_path):
-    from oloraplus.report import Arm
+    from oloraplus.experiments.arms import Arm
 
     rows = rows_with_exploration()
     write_runs(tmp_path / "runs.jsonl", rows)

@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from oloraplus.errors import UserError
-from oloraplus.report import (
-    PAPER_TABLES,
-    build_report,
-    student_t_ppf,
-    summarize,
-)
+from oloraplus.experiments.report import PAPER_TABLES, build_report, student_t_ppf, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,12 +15,14 @@ from conftest import make_records
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from oloraplus.adapters import apply_olora
 from oloraplus.cli import main
-from oloraplus.data import tokenize_records
+from oloraplus.data.tokenize import tokenize_records
 from oloraplus.errors import UserError
-from oloraplus.train import CHECKPOINTS, RUN_CONFIG, TrainConfig, build_trainer, resume_checkpoint
-from oloraplus.trainer import KILL_AT_STEP_ENV
+from oloraplus.method.adapters import apply_olora
+from oloraplus.method.trainer import KILL_AT_STEP_ENV
+from oloraplus.training.checkpoints import CHECKPOINTS, RUN_CONFIG, resume_checkpoint
+from oloraplus.training.config import TrainConfig
+from oloraplus.training.recipe import build_trainer
 
 RATIO = 4.0
 

@@ -11,14 +11,14 @@ import sys
 
 import pytest
 
-from oloraplus.runtime import keep_freed_memory
+from oloraplus.fast.memory import keep_freed_memory
 
 # Allocates, touches and frees a 64 MiB tensor 6 times (the heap settles: a freed block is a
 # little too small for the next 64-byte-aligned one until neighbours coalesce), then counts the
 # minor page faults of 4 more.
 SCRIPT = """
 import resource, sys, torch
-from oloraplus.runtime import keep_freed_memory
+from oloraplus.fast.memory import keep_freed_memory
 kept = keep_freed_memory(sys.argv[1]) if sys.argv[1] != "default" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(6):
@@ -54,8 +54,8 @@ def test_other_devices_are_left_alone():
 
 def test_train_and_evaluate_keep_freed_memory_before_loading_the_model(tmp_path, tiny_checkpoint, records_file,
                                                                         monkeypatch):
-    from oloraplus import train as train_module
     from oloraplus.cli import main
+    from oloraplus.training import recipe as train_module
 
     calls: list[str] = []
     load_model = train_module.load_model
@@ -76,8 +76,9 @@ def test_compiled_layers_compute_what_the_eager_layers_compute():
     import torch
     from conftest import tiny_model
 
-    from oloraplus.adapters import OLoRAPlusConfig, apply_olora
-    from oloraplus.runtime import compile_layers, decoder_layers, merged_for_eval, uncompile_layers
+    from oloraplus.fast.compile import compile_layers, decoder_layers, uncompile_layers
+    from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+    from oloraplus.training.runtime import merged_for_eval
 
     model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4))
     ids = torch.randint(0, 320, (2, 12))
@@ -107,7 +108,7 @@ def test_compile_refuses_a_model_without_decoder_layers():
     import torch
 
     from oloraplus.errors import UserError
-    from oloraplus.runtime import compile_layers
+    from oloraplus.fast.compile import compile_layers
 
     with pytest.raises(UserError, match="no decoder layers"):
         compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cpu")
@@ -117,7 +118,7 @@ def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch):
     from conftest import tiny_model
 
     from oloraplus.errors import UserError
-    from oloraplus.runtime import compile_layers
+    from oloraplus.fast.compile import compile_layers
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
@@ -129,8 +130,8 @@ def test_a_grid_with_compile_trains_each_run_compiled_and_like_without_it(tmp_pa
     """`--compile` through `sweep`: two runs in one process, each compiled, each learning what it learns eagerly."""
     import json
 
-    from oloraplus import train as train_module
     from oloraplus.cli import main
+    from oloraplus.training import recipe as train_module
 
     monkeypatch.setattr(train_module, "default_device", lambda: "cpu")
     compiled_counts: list[int] = []

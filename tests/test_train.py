@@ -3,7 +3,7 @@ import subprocess
 from pathlib import Path
 
 import oloraplus
-from oloraplus.train import library_versions, source_commit
+from oloraplus.training.provenance import library_versions, source_commit
 
 
 def _git(repo, *args):

@@ -1,11 +1,11 @@
 """OLoRA+: OLoRA initialisation + LoRA+ optimisation for causal language models."""
 
-from .adapters import OLoRAPlusConfig, apply_olora
-from .errors import UserError
-from .metrics import compute_text_metrics
-from .models import load_model
-from .optim import create_optimizer
-from .trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+from oloraplus.errors import UserError
+from oloraplus.evaluation.metrics import compute_text_metrics
+from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+from oloraplus.method.optim import create_optimizer
+from oloraplus.method.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
+from oloraplus.models.loading import load_model
 
 __all__ = [
     "OLoRAPlusConfig",

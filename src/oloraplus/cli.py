@@ -6,14 +6,14 @@ Every user mistake becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import warnings
 import os
 import sys
+import warnings
 
-from .attention import ATTENTIONS, CPU_EAGER_MAX_LENGTH
-from .data import DEFAULT_DATA
-from .distributed import shutdown
-from .errors import UserError
+from oloraplus.data.records import DEFAULT_DATA
+from oloraplus.errors import UserError
+from oloraplus.fast.attention import ATTENTIONS, CPU_EAGER_MAX_LENGTH
+from oloraplus.training.distributed import shutdown
 
 
 def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args, train: bool):
-    from .train import TrainConfig
+    from oloraplus.training.config import TrainConfig
 
     fields = {
         "output": args.output, "model": args.model, "data": args.data, "n_train": args.n_train,
@@ -202,7 +202,7 @@ def _print_metrics(results: dict, output: str) -> None:
 
 
 def _write_report(source: str, output: str, analyses: list[str] | None = None) -> None:
-    from .report import build_report
+    from oloraplus.experiments.report import build_report
 
     files = build_report(source, output, analyses)
     for path in (files.markdown, files.csv, files.latex, files.figure_metrics, files.figure_ratio,
@@ -219,12 +219,12 @@ def _grid_command(args) -> int:
                       args.analysis)
         return 0
     if args.command == "rescore":
-        from .experiments import rescore_grid
+        from oloraplus.experiments.grid import rescore_grid
 
         outcome = rescore_grid(args.dir, args.output, args.metrics_mode, args.seeds)
         _write_report(args.output, args.output)
         return 0 if outcome.ok else 1
-    from .experiments import TRAIN_FLAGS, GridSpec, parse_ratio, preset_grid, run_and_report
+    from oloraplus.experiments.grid import TRAIN_FLAGS, GridSpec, parse_ratio, preset_grid, run_and_report
 
     flags = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
     ratios = [parse_ratio(r) for r in args.ratios] if args.ratios else None
@@ -248,7 +248,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command in ("reproduce", "sweep", "rescore", "report"):
         return _grid_command(args)
     if args.command == "train":
-        from .train import train
+        from oloraplus.training.recipe import train
 
         config = _config_from_args(args, train=True)
         config.validate()  # before any model is loaded
@@ -256,11 +256,11 @@ def run(argv: list[str] | None = None) -> int:
         if results:  # empty on the non-main processes of a torchrun launch
             _print_metrics(results, args.output)
     elif args.command == "evaluate":
-        from .train import evaluate_adapter
+        from oloraplus.training.recipe import evaluate_adapter
 
         _print_metrics(evaluate_adapter(_config_from_args(args, train=False), args.adapter), args.output)
     elif args.command == "models":
-        from .models import list_models, pull_model
+        from oloraplus.models.loading import list_models, pull_model
 
         if args.models_command == "list":
             for row in list_models():
@@ -269,22 +269,33 @@ def run(argv: list[str] | None = None) -> int:
         else:
             print(pull_model(args.name))
     elif args.command == "export":
-        from .export import export_adapter
+        from oloraplus.method.export import export_adapter
 
         print(f"wrote {export_adapter(args.model, args.adapter, args.to, args.output, args.overwrite)}")
     elif args.command == "analyze":
-        from .analysis import analyze_runs, summary_lines
+        from oloraplus.analysis.drift import analyze_runs, summary_lines
 
         print("\n".join(summary_lines(analyze_runs(args.runs, args.output))))
         print(f"wrote {os.path.join(args.output, 'analysis.json')}")
     elif args.command == "bench":
-        from .bench import run_bench
+        run_bench = _bench_harness().run_bench
 
         models = args.model or (["smollm2-135m"] if args.quick else ["smollm2-135m", "gemma3-270m"])
         run_bench(models, args.quick, args.output, args.data)
     return 0
 
 
+def _bench_harness():
+    """The benchmark harness, ``bench/harness.py`` of the source checkout (it is not part of the package)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "harness.py").is_file():
+        raise UserError("'oloraplus bench' runs from a source checkout of oloraplus (bench/harness.py beside src/)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("bench.harness")
 
 
 def main(argv: list[str] | None = None) -> int:

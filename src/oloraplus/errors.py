@@ -4,6 +4,8 @@ The CLI turns a :class:`UserError` into one ``error: ...`` line on stderr and ex
 everything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class UserError(ValueError):
     """Bad input (file, flag, model name): the message says what is wrong and how to fix it."""

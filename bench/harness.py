@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_DATA
-from .errors import UserError
+from oloraplus.data.records import DEFAULT_DATA
+from oloraplus.errors import UserError
 
 
 @dataclass
@@ -61,11 +61,10 @@ class BenchConfig:
     max_new_tokens: int = 64
 
 
-# ----------------------------------------------------------------------------- children
-
-
-def _split_examples(cfg: BenchConfig, tokenizer):
-    from .data import load_records, split_records, tokenize_records
+def split_examples(cfg: BenchConfig, tokenizer):
+    from oloraplus.data.records import load_records
+    from oloraplus.data.split import split_records
+    from oloraplus.data.tokenize import tokenize_records
 
     split = split_records(load_records(cfg.data), cfg.n_train, cfg.n_eval, cfg.data_seed)
     train, _ = tokenize_records(split.train, tokenizer, cfg.max_length)
@@ -75,7 +74,7 @@ def _split_examples(cfg: BenchConfig, tokenizer):
 
 def _eval_loss(merged, examples, pad_id) -> float:
     """The same eval-loss code for both stacks, on the model ``runtime.merged_for_eval`` returns."""
-    from .evaluation import eval_loss
+    from oloraplus.evaluation.evaluate import eval_loss
 
     return eval_loss(merged, examples, pad_id, batch_size=8, progress=False)["eval_loss"]
 
@@ -90,13 +89,13 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
     from peft.optimizers import create_loraplus_optimizer
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from .adapters import default_target_modules
-    from .models import load_model
-    from .runtime import merged_for_eval
-    from .train import ExampleDataset, _Collator
+    from oloraplus.data.batching import Collator, ExampleDataset
+    from oloraplus.models.families import default_target_modules
+    from oloraplus.models.loading import load_model
+    from oloraplus.training.runtime import merged_for_eval
 
     model, tokenizer = load_model(cfg.model)
-    _, train, evals = _split_examples(cfg, tokenizer)
+    _, train, evals = split_examples(cfg, tokenizer)
     set_seed(seed)
     config = LoraConfig(r=32, lora_alpha=16, target_modules=default_target_modules(model),
                         init_lora_weights="olora", task_type="CAUSAL_LM")
@@ -107,7 +106,7 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
                                  learning_rate=3e-4, seed=seed, use_cpu=True, report_to=[], save_strategy="no",
                                  remove_unused_columns=False, disable_tqdm=True, logging_strategy="no")
         trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(train),
-                          data_collator=_Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
+                          data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
         t = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t
@@ -122,16 +121,18 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
     generation and FLOP measurements, which the repeats over data orders skip."""
     from transformers import set_seed
 
-    from .adapters import apply_olora
-    from .runtime import autocast, default_device, merged_for_eval, prepare_for_compute
-    from .train import TrainConfig, build_trainer, load_base_model
+    from oloraplus.fast.precision import prepare_for_compute
+    from oloraplus.method.adapters import apply_olora
+    from oloraplus.training.config import TrainConfig
+    from oloraplus.training.recipe import build_trainer, load_base_model
+    from oloraplus.training.runtime import autocast, default_device, merged_for_eval
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
                      n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
                      progress=False)
     device = default_device()
     model, tokenizer, precision = load_base_model(tc, device)  # the reference keeps glibc's malloc defaults
-    _, train, evals = _split_examples(cfg, tokenizer)
+    _, train, evals = split_examples(cfg, tokenizer)
     set_seed(seed)
     model = apply_olora(model, tc.adapter_config())
     prepare_for_compute(model, precision, device)
@@ -165,8 +166,9 @@ def _overhead(model, examples, pad_id, cfg: BenchConfig, steps: int = 8) -> dict
     and the overhead is the median of the per-batch ratios: the batches differ in length, and a
     ratio of medians over so few of them moved by 6% with the machine's noise alone.
     """
-    from .evaluation import collate, response_loss
-    from .optim import create_optimizer
+    from oloraplus.data.batching import collate
+    from oloraplus.method.loss import response_loss
+    from oloraplus.method.optim import create_optimizer
 
     model.train()
     starts = [(k * cfg.batch_size) % max(1, len(examples) - cfg.batch_size + 1) for k in range(steps)]
@@ -198,7 +200,8 @@ def _useful_flops_per_token(model, examples) -> float:
     """FLOPs of forward+backward per useful token, counted on unpadded single sequences."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .evaluation import collate, response_loss
+    from oloraplus.data.batching import collate
+    from oloraplus.method.loss import response_loss
 
     model.train()
     total_flops, total_tokens = 0, 0
@@ -213,13 +216,13 @@ def _useful_flops_per_token(model, examples) -> float:
 
 
 def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -> dict:
-    from .evaluation import _eos_ids, _until_eos, generate_responses
+    from oloraplus.evaluation.generation import generate_responses, stop_token_ids, until_eos
 
     prompts = [e.input_ids[: e.prompt_len] for e in examples[: cfg.generation_prompts]]
     t = time.perf_counter()
     ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=batch_size, progress=False)
     ours_seconds = time.perf_counter() - t
-    eos = _eos_ids(model, tokenizer)
+    eos = stop_token_ids(model, tokenizer)
     loop, loop_tokens = [], 0
     t = time.perf_counter()
     with torch.no_grad():
@@ -227,7 +230,7 @@ def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -
             out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            tokens = _until_eos(out[0, len(p):].tolist(), eos)
+            tokens = until_eos(out[0, len(p):].tolist(), eos)
             loop_tokens += len(tokens)
             loop.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     loop_seconds = time.perf_counter() - t
@@ -238,7 +241,7 @@ def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -
 
 
 def _eval_pass(model, examples, pad_id) -> dict:
-    from .evaluation import eval_loss
+    from oloraplus.evaluation.evaluate import eval_loss
 
     t = time.perf_counter()
     eval_loss(model, examples, pad_id, batch_size=8, progress=False)
@@ -251,8 +254,9 @@ def child_init(cfg: BenchConfig, repeats: int = 3) -> dict:
     """Whole-model OLoRA init: ours (QR of W's first r columns) vs PEFT's (full QR)."""
     from peft import LoraConfig, get_peft_model
 
-    from .adapters import OLoRAPlusConfig, apply_olora, default_target_modules
-    from .models import load_model
+    from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
+    from oloraplus.models.families import default_target_modules
+    from oloraplus.models.loading import load_model
 
     base, _ = load_model(cfg.model)
     times = {"ours": [], "peft": []}
@@ -298,7 +302,9 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
         out_path = f.name
     payload = json.dumps({"kind": kind, "config": asdict(cfg), "kwargs": kwargs, "out": out_path})
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "oloraplus.bench", payload], env=env,
+    root = str(Path(__file__).resolve().parents[1])  # the checkout: bench/ is not an installed package
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "bench.harness", payload], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         os.unlink(out_path)
@@ -307,9 +313,6 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
     result = json.loads(Path(out_path).read_text())
     os.unlink(out_path)
     return result
-
-
-# ----------------------------------------------------------------------------- parent
 
 
 def machine() -> dict:
@@ -329,8 +332,8 @@ def machine() -> dict:
 
 def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> None:
     """Fail in one line before any measurement: unknown model, unusable data, unwritable output."""
-    from .data import load_records
-    from .models import resolve_model
+    from oloraplus.data.records import load_records
+    from oloraplus.models.loading import resolve_model
 
     for name in models:
         resolve_model(name)
@@ -343,7 +346,7 @@ def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> 
 
 def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dict | None = None) -> dict:
     """Measure each model (``sizes`` overrides BenchConfig's sizes, for tests) and write ``output``."""
-    from .train import library_versions
+    from oloraplus.training.provenance import library_versions
 
     # Generation is measured on one full batch of evaluation prompts (64, the batch size
     # `oloraplus train` generates with), so that the bench sees the batching a real run uses.
@@ -408,7 +411,7 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
     results["wall_seconds"] = time.perf_counter() - start
     results["load_average"]["end"] = os.getloadavg()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    from .files import write_json_atomic
+    from oloraplus.files import write_json_atomic
 
     write_json_atomic(output, results)
     print(f"wrote {output} ({results['wall_seconds'] / 60:.1f} min)")

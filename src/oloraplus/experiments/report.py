@@ -20,14 +20,14 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .files import write_text_atomic
+from oloraplus.errors import UserError
+from oloraplus.experiments.arms import Arm, family_title, method_family, ratio_text
+from oloraplus.experiments.render import md_table, save_png
+from oloraplus.files import write_text_atomic
 
 # (key, column title, lower is better, decimals) in the paper's column order.
 METRICS: tuple[tuple[str, str, bool, int], ...] = (
@@ -37,16 +37,22 @@ METRICS: tuple[tuple[str, str, bool, int], ...] = (
     ("rougeL", "ROUGE-L", False, 2),
     ("bleu", "BLEU", False, 2),
 )
+
 METRIC_KEYS = tuple(m[0] for m in METRICS)
+
 TITLES = {m[0]: m[1] for m in METRICS}
+
 LOWER_IS_BETTER = {m[0]: m[2] for m in METRICS}
+
 DECIMALS = {m[0]: m[3] for m in METRICS}
+
 FIGURE_METRICS = ("eval_loss", "bleu", "rouge1", "rouge2", "rougeL")  # the paper's Figure 3 panels a-e
-METHOD_ORDER = ("lora", "olora")  # single-rate families; "<family>-plus" is the LoRA+ variant
+
 CONFIDENCE = 0.95
 
 # The paper's printed numbers (Kushmuratov et al., "OLoRA+"), Tables 1-4; no spread reported.
 PAPER_ROWS = ("OLoRA (baseline)", "OLoRA+ (λ << 1)", "OLoRA+ (λ >> 1)")
+
 PAPER_TABLES: dict[str, tuple[str, str, tuple[tuple[float, ...], ...]]] = {
     # registry name: (table, model as printed, rows of (eval loss, ROUGE-1, ROUGE-2, ROUGE-L, BLEU))
     "tinyllama-1.1b": ("Table 1", "TinyLlama-1.1B", (
@@ -56,20 +62,20 @@ PAPER_TABLES: dict[str, tuple[str, str, tuple[tuple[float, ...], ...]]] = {
     "gemma-2b": ("Table 3", "Gemma-2B", (
         (81.22, 83.78, 59.25, 78.56, 62.14), (81.18, 83.82, 59.36, 78.59, 62.19), (81.13, 83.81, 59.33, 78.61, 62.19))),
 }
+
 PAPER_TABLE4: tuple[tuple[str, tuple[float, ...]], ...] = (
     ("TinyLlama", (88.22, 74.56, 56.49, 71.86, 56.83)),
     ("OPT-1.3B", (75.41, 64.52, 62.38, 73.25, 68.56)),
     ("Gemma-2B", (81.13, 83.82, 59.36, 78.61, 62.19)),
 )
+
 _PAPER_ALIASES = {"tinyllama/tinyllama_v1.1": "tinyllama-1.1b", "facebook/opt-1.3b": "opt-1.3b",
                   "google/gemma-2b": "gemma-2b"}
+
 PAPER_NOTE = (
     "The paper's eval loss (75-88) is not a cross-entropy in nats and its unit is not stated, so only "
     "the ordering of its rows is comparable with ours; it gives no seeds, spread, or exact λ values."
 )
-
-
-# ----------------------------------------------------------------------------- Student t
 
 
 def student_t_ppf(p: float, df: float) -> float:
@@ -93,59 +99,6 @@ def read_runs(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg}); fix or delete that line") from exc
     return rows
-
-
-def ratio_text(ratio: float) -> str:
-    """16 -> "16", 0.0625 -> "1/16", 0.3 -> "0.3"."""
-    ratio = float(ratio)
-    if ratio.is_integer():
-        return str(int(ratio))
-    if ratio < 1 and (1 / ratio).is_integer():
-        return f"1/{int(1 / ratio)}"
-    return repr(ratio)
-
-
-def _family(method: str) -> str:
-    return method.removesuffix("-plus")
-
-
-def _family_title(family: str) -> str:
-    return {"olora": "OLoRA", "lora": "LoRA"}.get(family, family)
-
-
-@dataclass(frozen=True, order=True)
-class Arm:
-    """A method at one ratio; sorts baselines first, then by family and ratio."""
-
-    sort_key: tuple
-    method: str
-    ratio: float
-
-    @classmethod
-    def of(cls, method: str, ratio: float) -> "Arm":
-        family = _family(method)
-        rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
-        plus = method.endswith("-plus")
-        return cls((plus, rank, family, float(ratio), method), method, float(ratio))
-
-    @property
-    def is_baseline(self) -> bool:
-        return not self.method.endswith("-plus")
-
-    @property
-    def baseline(self) -> "Arm":
-        return Arm.of(_family(self.method), 1.0)
-
-    @property
-    def label(self) -> str:
-        title = _family_title(_family(self.method))
-        if self.is_baseline:
-            return f"{title} baseline" if float(self.ratio) == 1 else f"{title} r={ratio_text(self.ratio)}"
-        return f"{title}+ λ={ratio_text(self.ratio)}"
-
-    @property
-    def short(self) -> str:
-        return "baseline" if self.is_baseline else f"λ={ratio_text(self.ratio)}"
 
 
 @dataclass
@@ -285,9 +238,6 @@ def summarize(rows: list[dict]) -> Summary:
     return Summary(rows=unique, models=models, stats=stats, paired=paired, flags=flags, duplicates=duplicates)
 
 
-# ----------------------------------------------------------------------------- formatting
-
-
 def _num(metric: str, value: float) -> str:
     return f"{value:.{DECIMALS[metric]}f}"
 
@@ -319,13 +269,6 @@ def _ratios_text(stats: list[ArmStats]) -> str:
                      for r in ratios)
 
 
-def _md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
-    align = align or ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
 def _flags_text(flags: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(flags.items())) or "(defaults)"
 
@@ -333,7 +276,7 @@ def _flags_text(flags: dict) -> str:
 def _paper_model_table(paper_key: str) -> list[str]:
     table, name, rows = PAPER_TABLES[paper_key]
     out = [f"Paper's {table}, {name} (as printed; single runs, λ values not given):", ""]
-    out += _md_table(["Method"] + [TITLES[m] for m in METRIC_KEYS],
+    out += md_table(["Method"] + [TITLES[m] for m in METRIC_KEYS],
                      [[label] + [f"{v:.2f}" for v in values] for label, values in zip(PAPER_ROWS, rows)])
     return out + [""]
 
@@ -358,7 +301,7 @@ def _model_section(summary: Summary, model: str) -> list[str]:
             cell = _cell(s, m)
             cells.append(f"**{cell}**" if _num(m, s.mean(m)) == best[m] else cell)
         rows.append([s.arm.label, str(s.n)] + cells)
-    lines += _md_table(["Method", "n"] + [TITLES[m] for m in METRIC_KEYS], rows,
+    lines += md_table(["Method", "n"] + [TITLES[m] for m in METRIC_KEYS], rows,
                        ["---", "---:"] + ["---:"] * len(METRIC_KEYS))
     lines.append("")
     paper = _paper_key(model)
@@ -380,7 +323,7 @@ def _paired_section(summary: Summary, model: str) -> list[str]:
         rows.append([f"{d.arm.label} − baseline", TITLES[d.metric], str(d.n), _signed(d.metric, d.mean), ci_text,
                      d.verdict])
     lines = [title, ""]
-    lines += _md_table(["Comparison", "Metric", "n seeds", "Mean diff", "95% CI", "Verdict"], rows,
+    lines += md_table(["Comparison", "Metric", "n seeds", "Mean diff", "95% CI", "Verdict"], rows,
                        ["---", "---", "---:", "---:", "---", "---"])
     stats = summary.stats[model]
     lines += ["", f"λ values: {_ratios_text(stats)}; metrics mode: {_modes_text(stats)}.", ""]
@@ -404,10 +347,10 @@ def _best_section(summary: Summary) -> list[str]:
             winner = pick(stats, key=lambda s: s.mean(m))  # ties: the first row (baseline first)
             cells.append(f"{_num(m, winner.mean(m))} ({winner.arm.short})")
         rows.append([model, _modes_text(stats)] + cells)
-    lines += _md_table(["LLM", "Metrics mode"] + [TITLES[m] for m in METRIC_KEYS], rows,
+    lines += md_table(["LLM", "Metrics mode"] + [TITLES[m] for m in METRIC_KEYS], rows,
                        ["---", "---"] + ["---:"] * len(METRIC_KEYS))
     lines += ["", "Paper's Table 4, best per model (as printed):", ""]
-    lines += _md_table(["LLM"] + [TITLES[m] for m in METRIC_KEYS],
+    lines += md_table(["LLM"] + [TITLES[m] for m in METRIC_KEYS],
                        [[name] + [f"{v:.2f}" for v in values] for name, values in PAPER_TABLE4])
     return lines + [""]
 
@@ -479,7 +422,7 @@ def _tex(text: str) -> str:
 
 
 def _tex_label(arm: Arm) -> str:
-    title = _family_title(_family(arm.method))
+    title = family_title(method_family(arm.method))
     if arm.is_baseline:
         return f"{title} (baseline)"
     r = ratio_text(arm.ratio)
@@ -520,23 +463,6 @@ def render_latex(summary: Summary) -> str:
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _save_png(fig, path: Path) -> None:
-    """Write the figure atomically (a report folder never holds a half-written PNG)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_metrics(summary: Summary, path: Path) -> None:
     """Figure 3 analogue: one panel per metric, bars grouped by model, one bar per arm."""
     from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
@@ -567,16 +493,16 @@ def plot_metrics(summary: Summary, path: Path) -> None:
             pad = 0.15 * (max(highs) - min(lows)) or 0.05 * abs(max(highs)) or 1.0
             ax.set_ylim(max(0.0, min(lows) - pad), max(highs) + pad)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(arms), 6))
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _ratio_curves(summary: Summary) -> list[tuple[str, str, list[ArmStats]]]:
     """(model, family, arms incl. baseline by ratio) for every model run at more than two ratios."""
     curves = []
     for model in summary.models:
-        families = sorted({_family(s.arm.method) for s in summary.stats[model]})
+        families = sorted({method_family(s.arm.method) for s in summary.stats[model]})
         for family in families:
-            arms = [s for s in summary.stats[model] if _family(s.arm.method) == family]
+            arms = [s for s in summary.stats[model] if method_family(s.arm.method) == family]
             if len({s.arm.ratio for s in arms}) > 2:
                 curves.append((model, family, sorted(arms, key=lambda s: s.arm.ratio)))
     return curves
@@ -596,7 +522,7 @@ def plot_ratio(summary: Summary, path: Path) -> bool:
             color = f"C{k % 10}"
             xs = [math.log2(s.arm.ratio) for s in arms]
             ax.plot(xs, [s.mean(metric) for s in arms], "o-", color=color,
-                    label=f"{model} ({_family_title(family)}+)")
+                    label=f"{model} ({family_title(family)}+)")
             ax.fill_between(xs, [min(s.values[metric]) for s in arms], [max(s.values[metric]) for s in arms],
                             color=color, alpha=0.2, linewidth=0)
             base = [s for s in arms if s.arm.is_baseline]
@@ -605,11 +531,8 @@ def plot_ratio(summary: Summary, path: Path) -> bool:
         ax.set_xlabel("log2 λ (λ = lr_B / lr_A; 0 = baseline)")
         ax.set_title(TITLES[metric] + (" (lower is better)" if LOWER_IS_BETTER[metric] else ""))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(curves), 6))
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
-
-
-# ----------------------------------------------------------------------------- entry point
 
 
 @dataclass
@@ -636,7 +559,7 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[
     and ``DIR/analysis/*/analysis.json``, those that exist, so a grid analysed in parts needs no flag);
     run folders' ``dynamics.jsonl`` files are found through ``runs.jsonl``.
     """
-    from .regimes import collect, plot_drift_vs_ratio, plot_dynamics, render_section
+    from oloraplus.experiments.regimes import collect, plot_drift_vs_ratio, plot_dynamics, render_section
 
     runs_jsonl = Path(runs_jsonl)
     if runs_jsonl.is_dir():

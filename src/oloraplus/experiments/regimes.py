@@ -19,8 +19,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .report import Arm, _md_table, _save_png
+from oloraplus.errors import UserError
+from oloraplus.experiments.arms import Arm
+from oloraplus.experiments.render import md_table, save_png
 
 # (key in an aggregate, column title, decimals or None for 3 significant digits); "attention:"/"mlp:" read the per-layer-type means.
 REGIME_METRICS: tuple[tuple[str, str, int | None], ...] = (
@@ -33,8 +34,11 @@ REGIME_METRICS: tuple[tuple[str, str, int | None], ...] = (
     ("update_effective_rank", "update eff. rank", 1),
     ("update_in_top_subspace", "update in top-r of W", None),
 )
+
 DYNAMICS_TITLES = {"b_subspace_drift": "B subspace drift", "b_rel_change": "‖ΔB‖/‖B₀‖"}
+
 DYNAMICS_METRICS = tuple(DYNAMICS_TITLES)
+
 REGIME_DEFINITIONS = (
     "B drift: mean sin² of the principal angles between span(B_T) and span(B_0 = Q_r), 0 = same "
     "subspace, about {random} for a random subspace of the same size. ‖ΔB‖/‖B₀‖, ‖ΔA‖/‖A₀‖: relative "
@@ -182,7 +186,7 @@ def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
         header = ["Method", "seeds", *(title for _, title, _ in REGIME_METRICS)]
         rows = [[_arm(s.method, s.ratio).label, str(len(s.seeds)), *(_cell(s, k, d) for k, _, d in REGIME_METRICS)]
                 for s in arms]
-        out += _md_table(header, rows, ["---", "---:", *["---:"] * len(REGIME_METRICS)]) + [""]
+        out += md_table(header, rows, ["---", "---:", *["---:"] * len(REGIME_METRICS)]) + [""]
     for name in figures:
         out += [f"![{name}]({name})", ""]
     return out
@@ -225,7 +229,7 @@ def plot_dynamics(regimes: Regimes, path: Path) -> bool:
             ax.set_title(f"{model}: {DYNAMICS_TITLES[key]}", fontsize=9)
             if col == len(DYNAMICS_METRICS) - 1:
                 ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -248,5 +252,5 @@ def plot_drift_vs_ratio(regimes: Regimes, path: Path) -> bool:
         ax.set_xlabel("log2 λ (λ = lr_B / lr_A; 0 = OLoRA)")
         ax.set_title(DYNAMICS_TITLES[key], fontsize=9)
         ax.legend(fontsize=7)
-    _save_png(fig, path)
+    save_png(fig, path)
     return True

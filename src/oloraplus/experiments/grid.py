@@ -26,26 +26,30 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
-from .data import local_data_file
-from .files import append_jsonl_atomic, write_text_atomic
-from .report import read_runs
-from .train import METHODS, RESULT_NEUTRAL_FLAGS, TrainConfig, train
+from oloraplus.data.records import local_data_file
+from oloraplus.errors import UserError
+from oloraplus.experiments.report import read_runs
+from oloraplus.files import append_jsonl_atomic, write_text_atomic
+from oloraplus.method.registry import METHODS
+from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
+from oloraplus.training.recipe import train
 
 BASELINE_METHOD = "olora"
+
 PLUS_METHOD = "olora-plus"
+
 DEFAULT_RATIOS = (1 / 16, 16.0)  # the paper writes lambda << 1 and >> 1 and gives no values
+
 DEFAULT_SEEDS = 3
 
 # TrainConfig fields a grid sets itself; everything else is a "train flag".
 _GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite"}
+
 TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
 
 RUNS_FILE = "runs.jsonl"
+
 FAILURES_FILE = "failures.jsonl"
-
-
-# ----------------------------------------------------------------------------- specs
 
 
 def parse_ratio(text: str | float) -> float:
@@ -193,9 +197,6 @@ def expand_grid(
     return GridSpec(models=models, ratios=ratios, seeds=seeds, methods=methods, flags=train_flags).expand()
 
 
-# ----------------------------------------------------------------------------- presets
-
-
 PAPER_HPARAMS = {"rank": 32, "alpha": 16, "lr": 3e-4, "epochs": 1}  # as stated in the paper
 
 
@@ -244,9 +245,6 @@ def preset_grid(
         methods=(BASELINE_METHOD, PLUS_METHOD),
         flags={**preset.flags, **overrides},
     )
-
-
-# ----------------------------------------------------------------------------- running
 
 
 @dataclass
@@ -432,7 +430,7 @@ def rescore_grid(
     ``oloraplus evaluate`` semantics (same split, same model) into ``output_dir/runs/<folder>``,
     and gets its line in ``output_dir/runs.jsonl``; resumable like :func:`run_grid`.
     """
-    from .train import evaluate_adapter
+    from oloraplus.training.recipe import evaluate_adapter
 
     source, out = Path(source), Path(output_dir)
     rows = [r for r in read_runs(source / RUNS_FILE) if seeds is None or r.get("seed") in set(seeds)]
@@ -471,7 +469,7 @@ def run_and_report(
 
     The report is built even when some runs failed, so finished work is always summarised.
     """
-    from .report import build_report
+    from oloraplus.experiments.report import build_report
 
     outcome = run_grid(specs, output_dir, log=log, reuse=reuse)
     runs_file = Path(output_dir) / RUNS_FILE

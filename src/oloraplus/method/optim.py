@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError, check_positive
+from oloraplus.errors import UserError, check_positive
 
 
 def create_optimizer(
@@ -62,3 +62,17 @@ def create_optimizer(
         raise UserError("the model has no trainable parameters")
     return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """Each named parameter group's starting learning rate and size (for results.json).
+
+    ``initial_lr`` is the rate before the scheduler's decay, so lr_B / lr_A reads the ratio
+    at any step, also after a resume.
+    """
+    return {
+        group.get("name", str(i)): {
+            "lr": group.get("initial_lr", group["lr"]),
+            "parameters": sum(p.numel() for p in group["params"]),
+        }
+        for i, group in enumerate(optimizer.param_groups)
+    }

@@ -39,18 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-from .adapters import load_adapter_weights, olora_factors
-from .errors import UserError, check_positive
-from .files import append_jsonl_atomic, write_json_atomic
+from oloraplus.errors import UserError, check_positive
+from oloraplus.files import write_json_atomic
+from oloraplus.method.adapters import load_adapter_weights, olora_factors
 
 ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj"}
+
 MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "gate_up_proj"}
+
 REFERENCES = {
     "olora": "start factors B_0 = Q_r, A_0 = R_r of W (OLoRA init); drift against span(Q_r)",
     "lora": "Q_r of W (B_0 = 0 under LoRA init); b_rel_change relative to ||Q_r||_F = sqrt(r)",
 }
+
 # Per-layer scalars that are averaged into the aggregate.
 SCALAR_METRICS = (
     "b_subspace_drift",
@@ -62,22 +64,23 @@ SCALAR_METRICS = (
     "update_in_top_subspace",
     "update_rel_norm",
 )
+
 N_SINGULAR_VALUES = 8
+
 WORK_DTYPE = torch.float64
+
 _KEY_PREFIX = re.compile(r"^base_model\.model\.")
+
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<layer>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
-# --------------------------------------------------------------------------- pure metrics
-
-
-def _work(x: torch.Tensor) -> torch.Tensor:
+def to_work_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=WORK_DTYPE)
 
 
 def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis (reduced QR) of the column span of ``x``, in float64."""
-    q, _ = torch.linalg.qr(_work(x), mode="reduced")
+    q, _ = torch.linalg.qr(to_work_dtype(x), mode="reduced")
     return q
 
 
@@ -112,14 +115,14 @@ def subspace_drift(b_t: torch.Tensor, b_0: torch.Tensor) -> float:
 
 def rel_change(x_t: torch.Tensor, x_0: torch.Tensor) -> float:
     """||x_t - x_0||_F / ||x_0||_F (NaN when x_0 is zero)."""
-    x_t, x_0 = _work(x_t), _work(x_0)
+    x_t, x_0 = to_work_dtype(x_t), to_work_dtype(x_0)
     denom = torch.linalg.norm(x_0)
     return float(torch.linalg.norm(x_t - x_0) / denom) if denom > 0 else math.nan
 
 
 def orthonormality_error(b: torch.Tensor) -> float:
     """||B^T B - I||_F: 0 for orthonormal columns (OLoRA's B_0), 3 sqrt(r) for 2 Q."""
-    b = _work(b)
+    b = to_work_dtype(b)
     return float(torch.linalg.norm(b.T @ b - torch.eye(b.shape[1], dtype=b.dtype)))
 
 
@@ -156,13 +159,13 @@ def low_rank_update(
     delta = Q1 (s R1 R2^T) Q2^T: one SVD of a 2r x 2r core instead of out x in.
     ``a_0=None`` with ``b_0 = 0`` (LoRA init) means delta = s B_T A_T.
     """
-    b_t, a_t, b_0 = _work(b_t), _work(a_t), _work(b_0)
+    b_t, a_t, b_0 = to_work_dtype(b_t), to_work_dtype(a_t), to_work_dtype(b_0)
     if a_0 is None:
         if torch.any(b_0):
             raise ValueError("a_0 is needed when b_0 is not zero")
         left, right = b_t, a_t
     else:
-        a_0 = _work(a_0)
+        a_0 = to_work_dtype(a_0)
         left = torch.cat([b_t - b_0, b_0], dim=1)
         right = torch.cat([a_t, a_t - a_0], dim=0)
     q1, r1 = torch.linalg.qr(left, mode="reduced")
@@ -175,7 +178,7 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
     Equals k for k equal non-zero singular values and 1 for a rank-one matrix; 0 for a zero matrix.
     """
-    s = _work(singular_values).clamp_min(0.0)
+    s = to_work_dtype(singular_values).clamp_min(0.0)
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -189,7 +192,7 @@ def top_left_singular_vectors(weight: torch.Tensor, rank: int) -> torch.Tensor:
     if w.device.type == "mps":  # no SVD there
         w = w.cpu()
     u, _, _ = torch.linalg.svd(w, full_matrices=False)
-    return _work(u[:, :rank])
+    return to_work_dtype(u[:, :rank])
 
 
 def update_in_top_subspace(update: LowRankUpdate | torch.Tensor, u_r: torch.Tensor) -> float:
@@ -197,18 +200,15 @@ def update_in_top_subspace(update: LowRankUpdate | torch.Tensor, u_r: torch.Tens
 
     NaN for a zero update. ``u_r`` must have orthonormal columns.
     """
-    u_r = _work(u_r)
+    u_r = to_work_dtype(u_r)
     if isinstance(update, LowRankUpdate):
         total = update.norm() ** 2
         inside = float(torch.linalg.norm(u_r.T @ update.left @ update.core)) ** 2
     else:
-        delta = _work(update)
+        delta = to_work_dtype(update)
         total = float(torch.linalg.norm(delta)) ** 2
         inside = float(torch.linalg.norm(u_r.T @ delta)) ** 2
     return inside / total if total > 0 else math.nan
-
-
-# --------------------------------------------------------------------------- per layer
 
 
 def layer_type(name: str) -> str:
@@ -243,12 +243,12 @@ def layer_reference(weight: torch.Tensor, rank: int, init: str, a_0: torch.Tenso
     if init not in REFERENCES:
         raise UserError(f"init must be one of {', '.join(REFERENCES)}, got '{init}'")
     q_r, r_r = olora_factors(weight, rank)
-    q_r, r_r = _work(q_r), _work(r_r)
+    q_r, r_r = to_work_dtype(q_r), to_work_dtype(r_r)
     u_r = top_left_singular_vectors(weight, rank)
     w_norm = float(torch.linalg.norm(weight.detach().float()))
     if init == "olora":
         return LayerReference(init, q_r, r_r, q_r, u_r, w_norm)
-    return LayerReference(init, torch.zeros_like(q_r), None if a_0 is None else _work(a_0), q_r, u_r, w_norm)
+    return LayerReference(init, torch.zeros_like(q_r), None if a_0 is None else to_work_dtype(a_0), q_r, u_r, w_norm)
 
 
 def align_start_signs(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor) -> tuple[LayerReference, int]:
@@ -261,7 +261,7 @@ def align_start_signs(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor)
     """
     if ref.a_0 is None:
         return ref, 0
-    agree = (_work(b_t) * ref.b_0).sum(0) + (_work(a_t) * ref.a_0).sum(1)
+    agree = (to_work_dtype(b_t) * ref.b_0).sum(0) + (to_work_dtype(a_t) * ref.a_0).sum(1)
     signs = torch.where(agree < 0, -1.0, 1.0).to(WORK_DTYPE)
     flips = int((signs < 0).sum())
     if not flips:
@@ -270,13 +270,13 @@ def align_start_signs(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor)
     return LayerReference(ref.init, b_0, a_0, ref.q_r, ref.u_r, ref.w_norm), flips
 
 
-def _clean(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
 def layer_metrics(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor, scaling: float) -> dict:
     """Every per-layer metric of the module docstring for trained factors (b_t: out x r, a_t: r x in)."""
-    b_t, a_t = _work(b_t), _work(a_t)
+    b_t, a_t = to_work_dtype(b_t), to_work_dtype(a_t)
     if b_t.shape != ref.b_0.shape or a_t.shape[0] != b_t.shape[1]:
         raise UserError(
             f"adapter factors {tuple(b_t.shape)} / {tuple(a_t.shape)} do not fit a weight of "
@@ -290,14 +290,14 @@ def layer_metrics(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor, sca
     else:  # B_0 = 0: how far B got, on the scale of OLoRA's start ||Q_r||_F = sqrt(r)
         b_change = float(torch.linalg.norm(b_t)) / math.sqrt(rank)
     return {
-        "b_subspace_drift": _clean(subspace_drift(b_t, ref.q_r)),
+        "b_subspace_drift": finite_or_none(subspace_drift(b_t, ref.q_r)),
         "b_subspace_drift_random_baseline": 1.0 - rank / out,
-        "b_rel_change": _clean(b_change),
-        "a_rel_change": None if ref.a_0 is None else _clean(rel_change(a_t, ref.a_0)),
+        "b_rel_change": finite_or_none(b_change),
+        "a_rel_change": None if ref.a_0 is None else finite_or_none(rel_change(a_t, ref.a_0)),
         "b_orthonormality_error": orthonormality_error(b_t),
         "update_singular_values": [float(s) for s in sigma[:N_SINGULAR_VALUES]],
         "update_effective_rank": effective_rank(sigma),
-        "update_in_top_subspace": _clean(update_in_top_subspace(update, ref.u_r)),
+        "update_in_top_subspace": finite_or_none(update_in_top_subspace(update, ref.u_r)),
         "update_rel_norm": update.norm() / ref.w_norm if ref.w_norm > 0 else None,
     }
 
@@ -391,10 +391,6 @@ def analyze_adapter(
     return {"init": init, "reference": REFERENCES[init], "aggregate": aggregate(layers), "layers": layers}
 
 
-
-# --------------------------------------------------------------------------- run folders
-
-
 @dataclass
 class RunInfo:
     """What analysis needs to know about one training run folder."""
@@ -450,8 +446,8 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, device: str | N
     analysis dict: ``{"runs": [{"run", "model", "method", "ratio", "seed", "init", "rank",
     "alpha", "reference", "aggregate", "layers"}], "plots": [...]}``.
     """
-    from .models import load_model
-    from .runtime import default_device
+    from oloraplus.models.loading import load_model
+    from oloraplus.training.runtime import default_device
 
     if not run_dirs:
         raise UserError("give at least one run folder to analyse")
@@ -502,9 +498,6 @@ def _base_weights(model: torch.nn.Module, factors: dict) -> dict[str, torch.Tens
     if missing:
         raise UserError(f"adapter layer '{missing[0]}' is not in the base model; was it trained on another model?")
     return {name: m.weight for name, m in modules.items()}
-
-
-# --------------------------------------------------------------------------- plots
 
 
 def _figure(n_panels: int, width: float):
@@ -589,111 +582,3 @@ def plot_analysis(entries: list[dict], out: Path) -> list[str]:
         plot_drift_vs_ratio(entries, out / "plots/drift_vs_ratio.png")
         written.append("plots/drift_vs_ratio.png")
     return written
-
-
-# --------------------------------------------------------------------------- during training
-
-
-def _peft_init(model: torch.nn.Module) -> str:
-    configs = getattr(model, "peft_config", None) or {}
-    inits = {getattr(c, "init_lora_weights", True) for c in configs.values()}
-    return "olora" if inits == {"olora"} else "lora"
-
-
-class DynamicsCallback(TrainerCallback):
-    """Every ``every_k`` optimizer steps, append the aggregate metrics of the live adapter to a JSONL file.
-
-    Rows are ``{"step": n, **aggregate}``: step 0 (at train start), every multiple of ``every_k``,
-    and the last step. At train start the LoRA factors are captured as the start (B_0, A_0): under
-    OLoRA init these are Q_r and R_r of the original W. The original weight is recovered from the
-    wrapped layer as W = base + s B_0 A_0 (OLoRA subtracted s B_0 A_0 from it) for Q_r and U_r; only
-    out x r matrices are kept. ``reference``: "auto" (OLoRA when the PEFT config says
-    init_lora_weights="olora", else LoRA), or "olora"/"lora" to force how the start is read (see the
-    module docstring); under LoRA the captured random A_0 gives ``a_rel_change`` too.
-
-    Runs on the main process only. A run resumed from a checkpoint captures the resumed weights as
-    its start. Not for ZeRO-3/FSDP-sharded parameters (each rank sees only a shard).
-    """
-
-    def __init__(self, every_k: int, output_path: str | Path, reference: str = "auto", adapter: str = "default"):
-        check_positive("every_k", every_k, integer=True)
-        if reference not in ("auto", *REFERENCES):
-            raise UserError(f"reference must be auto, olora or lora, got '{reference}'")
-        self.every_k = every_k
-        self.output_path = Path(output_path)
-        self.reference = reference
-        self.adapter = adapter
-        self.references: dict[str, LayerReference] = {}
-        self.last_step: int | None = None
-
-    def _layers(self, model) -> dict:
-        from .adapters import lora_layers
-
-        layers = {name: layer for name, layer in lora_layers(model).items() if self.adapter in layer.lora_A}
-        if not layers:
-            raise UserError(f"the model has no LoRA layers with adapter '{self.adapter}' to track")
-        return layers
-
-    @torch.no_grad()
-    def capture(self, model: torch.nn.Module) -> None:
-        """Record the start of every LoRA layer (called at train begin)."""
-        init = _peft_init(model) if self.reference == "auto" else self.reference
-        self.references = {}
-        for name, layer in self._layers(model).items():
-            b_0 = layer.lora_B[self.adapter].weight.detach().float()
-            a_0 = layer.lora_A[self.adapter].weight.detach().float()
-            scale = layer.scaling[self.adapter]
-            base = layer.get_base_layer().weight.detach().float()
-            weight = base + scale * (b_0 @ a_0)  # the original W
-            rank = b_0.shape[1]
-            q_r = _work(b_0) if init == "olora" else _work(olora_factors(weight, rank)[0])
-            self.references[name] = LayerReference(
-                init=init,
-                b_0=_work(b_0) if init == "olora" else torch.zeros_like(q_r),
-                a_0=_work(a_0),
-                q_r=q_r,
-                u_r=top_left_singular_vectors(weight, rank),
-                w_norm=float(torch.linalg.norm(weight)),
-            )
-            del weight
-
-    @torch.no_grad()
-    def measure(self, model: torch.nn.Module) -> dict:
-        """The aggregate metrics of the live adapter against the captured start."""
-        rows = {}
-        for name, layer in self._layers(model).items():
-            ref = self.references[name]
-            if ref.init == "lora":  # delta = s (B A - 0 * A_0): A_0 enters only a_rel_change
-                ref_update = LayerReference("lora", ref.b_0, None, ref.q_r, ref.u_r, ref.w_norm)
-            else:
-                ref_update = ref
-            b_t, a_t = layer.lora_B[self.adapter].weight, layer.lora_A[self.adapter].weight
-            row = layer_metrics(ref_update, b_t, a_t, layer.scaling[self.adapter])
-            if ref.init == "lora":
-                row["a_rel_change"] = _clean(rel_change(a_t, ref.a_0))
-            rows[name] = {"layer_type": layer_type(name), **row}
-        return aggregate(rows)
-
-    def _write(self, step: int, model) -> None:
-        append_jsonl_atomic(self.output_path, {"step": step, **self.measure(model)})
-        self.last_step = step
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            self.capture(model)
-            self._write(state.global_step, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None and state.global_step % self.every_k == 0:
-            self._write(state.global_step, model)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None and self.last_step != state.global_step:
-            self._write(state.global_step, model)
-
-
-def attach_dynamics(trainer, every_k: int, path: str | Path, reference: str = "auto") -> DynamicsCallback:
-    """Add a :class:`DynamicsCallback` writing to ``path`` to ``trainer``; returns the callback."""
-    callback = DynamicsCallback(every_k, path, reference=reference)
-    trainer.add_callback(callback)
-    return callback

@@ -20,9 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import UserError, check_positive
-from .evaluation import response_loss
-from .optim import create_optimizer
+from oloraplus.errors import UserError, check_positive
+from oloraplus.method.loss import response_loss
+from oloraplus.method.optim import create_optimizer
 
 
 class OLoRAPlusTrainer(Trainer):
@@ -130,18 +130,3 @@ class _KillAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def optimizer_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    """Each named parameter group's starting learning rate and size (for results.json).
-
-    ``initial_lr`` is the rate before the scheduler's decay, so lr_B / lr_A reads the ratio
-    at any step, also after a resume.
-    """
-    return {
-        group.get("name", str(i)): {
-            "lr": group.get("initial_lr", group["lr"]),
-            "parameters": sum(p.numel() for p in group["params"]),
-        }
-        for i, group in enumerate(optimizer.param_groups)
-    }

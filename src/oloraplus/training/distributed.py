@@ -20,7 +20,7 @@ import contextlib
 import os
 from datetime import timedelta
 
-from .errors import UserError
+from oloraplus.errors import UserError
 
 # How long the other ranks wait for rank 0's evaluation: longer than any evaluation, while a
 # failing rank 0 still ends them at once (the launcher stops every worker when one fails).

@@ -22,14 +22,13 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .runtime import base_model
+from oloraplus.models.families import FUSABLE_MODEL_TYPES
+from oloraplus.models.loading import base_model
 
 # Rows per chunk: large enough that the head weight (335 MB for Gemma in bf16) is streamed
 # once per 256 rows, small enough that a chunk's logits stay bounded: for Gemma, 134 MB in bf16,
 # 268 MB for their fp32 copy and as much for its log-softmax, and the bf16 softmax, at once.
 CHUNK_ROWS = 256
-# Causal LMs whose logits are exactly lm_head(h), then the optional final_logit_softcapping.
-FUSABLE_MODEL_TYPES = frozenset({"llama", "gemma3_text", "opt"})
 
 
 class HeadCrossEntropy(torch.autograd.Function):

@@ -32,12 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .adapters import load_adapter_weights, olora_factors
-from .errors import UserError
+from oloraplus.errors import UserError
+from oloraplus.method.adapters import load_adapter_weights, olora_factors
 
 EXPORT_TARGETS = ("lora", "merged")
+
 # init_lora_weights values that leave the base weights alone (PEFT's default LoRA inits).
 _STANDARD_INITS = (True, False, "gaussian")
+
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -49,7 +51,7 @@ def export_adapter(model: str, adapter: str, to: str, output: str, overwrite: bo
     """
     from peft import LoraConfig
 
-    from .models import load_model
+    from oloraplus.models.loading import load_model
 
     if to not in EXPORT_TARGETS:
         raise UserError(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got '{to}'")

@@ -1,0 +1,1 @@
+"""Data: reading and validating records, the deterministic train/eval split, tokenisation and batching."""

@@ -1,0 +1,56 @@
+"""Records to token ids: prompt tokens (unscored, label -100) then response tokens and EOS."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from oloraplus.data.records import format_prompt
+from oloraplus.errors import check_positive
+
+
+@dataclass
+class Example:
+    """One tokenised record: prompt tokens then response tokens (+ EOS)."""
+
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens: the loss covers the response only
+    prompt_len: int
+    truncated: bool
+    index: int = -1  # position of the record in the list it came from
+
+
+def tokenize_record(record: dict, tokenizer, max_length: int, index: int = -1) -> Example:
+    prompt_ids = tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    labels = [-100] * len(prompt_ids) + response_ids
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length], min(len(prompt_ids), max_length), truncated, index)
+
+
+@dataclass
+class TokenStats:
+    records: int
+    truncated: int
+    dropped: int  # records left with no response token after truncation
+    tokens: int
+    response_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[list[Example], TokenStats]:
+    """Tokenise records; drop those whose response was cut away entirely."""
+    check_positive("max_length", max_length, integer=True)
+    examples = [tokenize_record(r, tokenizer, max_length, i) for i, r in enumerate(records)]
+    kept = [e for e in examples if any(label != -100 for label in e.labels)]
+    stats = TokenStats(
+        records=len(examples),
+        truncated=sum(e.truncated for e in examples),
+        dropped=len(examples) - len(kept),
+        tokens=sum(len(e.input_ids) for e in kept),
+        response_tokens=sum(sum(label != -100 for label in e.labels) for e in kept),
+    )
+    return kept, stats

@@ -1,0 +1,60 @@
+"""An *arm* of a comparison: a method at one ratio lambda, with its label and sort order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHOD_ORDER = ("lora", "olora")  # single-rate families; "<family>-plus" is the LoRA+ variant
+
+
+def ratio_text(ratio: float) -> str:
+    """16 -> "16", 0.0625 -> "1/16", 0.3 -> "0.3"."""
+    ratio = float(ratio)
+    if ratio.is_integer():
+        return str(int(ratio))
+    if ratio < 1 and (1 / ratio).is_integer():
+        return f"1/{int(1 / ratio)}"
+    return repr(ratio)
+
+
+def method_family(method: str) -> str:
+    return method.removesuffix("-plus")
+
+
+def family_title(family: str) -> str:
+    return {"olora": "OLoRA", "lora": "LoRA"}.get(family, family)
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """A method at one ratio; sorts baselines first, then by family and ratio."""
+
+    sort_key: tuple
+    method: str
+    ratio: float
+
+    @classmethod
+    def of(cls, method: str, ratio: float) -> "Arm":
+        family = method_family(method)
+        rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
+        plus = method.endswith("-plus")
+        return cls((plus, rank, family, float(ratio), method), method, float(ratio))
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.method.endswith("-plus")
+
+    @property
+    def baseline(self) -> "Arm":
+        return Arm.of(method_family(self.method), 1.0)
+
+    @property
+    def label(self) -> str:
+        title = family_title(method_family(self.method))
+        if self.is_baseline:
+            return f"{title} baseline" if float(self.ratio) == 1 else f"{title} r={ratio_text(self.ratio)}"
+        return f"{title}+ λ={ratio_text(self.ratio)}"
+
+    @property
+    def short(self) -> str:
+        return "baseline" if self.is_baseline else f"λ={ratio_text(self.ratio)}"

@@ -1,0 +1,6 @@
+"""The method: OLoRA factors and ``apply_olora``, LoRA+ optimiser groups, the Trainer, the method
+registry and the export to standard LoRA.
+
+Usable on its own in any Trainer/TRL script: it imports nothing from ``training``, ``experiments``
+or ``analysis``.
+"""

@@ -1,0 +1,47 @@
+"""What a run records about where it ran: library versions and the oloraplus commit."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+def library_versions() -> dict:
+    names = ["oloraplus", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "rouge-score"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["oloraplus_commit"] = source_commit()
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def source_commit(package_dir: Path | None = None) -> str | None:
+    """The git commit of the oloraplus checkout that is running ("+dirty" if tracked files changed).
+
+    None for an installed copy: only a package that sits at ``src/oloraplus`` of a git work tree
+    is asked, so a virtual environment inside some other repository never reports that one's commit.
+    """
+    package_dir = (package_dir or Path(__file__).parent.parent).resolve()  # the oloraplus package folder
+    root = package_dir.parent.parent
+    if package_dir != root / "src" / "oloraplus":
+        return None
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("rev-parse", "--show-toplevel") != str(root):
+        return None
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
