@@ -446,8 +446,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, device: str | N
     analysis dict: ``{"runs": [{"run", "model", "method", "ratio", "seed", "init", "rank",
     "alpha", "reference", "aggregate", "layers"}], "plots": [...]}``.
     """
-    from oloraplus.models.loading import load_model
-    from oloraplus.training.runtime import default_device
+    from oloraplus.models.loading import default_device, load_model
 
     if not run_dirs:
         raise UserError("give at least one run folder to analyse")

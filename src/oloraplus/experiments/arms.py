@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHOD_ORDER = ("lora", "olora")  # single-rate families; "<family>-plus" is the LoRA+ variant
+from oloraplus.method.registry import FAMILIES, METHODS
 
 
 def ratio_text(ratio: float) -> str:
@@ -18,11 +18,16 @@ def ratio_text(ratio: float) -> str:
 
 
 def method_family(method: str) -> str:
-    return method.removesuffix("-plus")
+    """The single-rate method of ``method``'s family (a name the registry does not know is its own family)."""
+    return METHODS[method].family if method in METHODS else method
 
 
 def family_title(family: str) -> str:
-    return {"olora": "OLoRA", "lora": "LoRA"}.get(family, family)
+    return METHODS[family].title if family in METHODS else family
+
+
+def takes_ratio(method: str) -> bool:
+    return METHODS[method].takes_ratio if method in METHODS else False
 
 
 @dataclass(frozen=True, order=True)
@@ -36,13 +41,13 @@ class Arm:
     @classmethod
     def of(cls, method: str, ratio: float) -> "Arm":
         family = method_family(method)
-        rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
-        plus = method.endswith("-plus")
+        rank = FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+        plus = takes_ratio(method)
         return cls((plus, rank, family, float(ratio), method), method, float(ratio))
 
     @property
     def is_baseline(self) -> bool:
-        return not self.method.endswith("-plus")
+        return not takes_ratio(self.method)
 
     @property
     def baseline(self) -> "Arm":

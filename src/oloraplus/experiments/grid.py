@@ -30,7 +30,7 @@ from oloraplus.data.records import local_data_file
 from oloraplus.errors import UserError
 from oloraplus.experiments.report import read_runs
 from oloraplus.files import append_jsonl_atomic, write_text_atomic
-from oloraplus.method.registry import METHODS
+from oloraplus.method.registry import METHODS, get_method
 from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
 from oloraplus.training.recipe import train
 
@@ -80,7 +80,7 @@ def safe_name(name: str) -> str:
 
 def base_method(method: str) -> str:
     """The single-learning-rate method an ``-plus`` method reduces to at ratio 1."""
-    return method.removesuffix("-plus")
+    return get_method(method).family
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class RunSpec:
         return f"{self.model} {self.method} r={format_ratio(self.ratio)} seed {self.seed}"
 
     def config(self, run_dir: str | Path) -> TrainConfig:
-        takes_ratio = METHODS[self.method][1]
+        takes_ratio = METHODS[self.method].takes_ratio
         return TrainConfig(
             output=str(run_dir),
             model=self.model,
@@ -139,9 +139,7 @@ class GridSpec:
         """(method, ratio) pairs: single-rate methods first, then ascending ratio."""
         arms: set[tuple[str, float]] = set()
         for method in self.methods:
-            if method not in METHODS:
-                raise UserError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
-            if not METHODS[method][1]:
+            if not get_method(method).takes_ratio:
                 arms.add((method, 1.0))
                 continue
             for ratio in self.ratios:

@@ -7,8 +7,6 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 
-from oloraplus.method.adapters import lora_layers
-
 
 class AddmmLoRA(LoraVariant):
     """Vanilla LoRA whose update is added inside the up-projection's matmul.
@@ -50,7 +48,7 @@ class AddmmLoRA(LoraVariant):
 def use_addmm_lora(model: torch.nn.Module) -> int:
     """Install :class:`AddmmLoRA` on every vanilla LoRA Linear of ``model``; returns how many."""
     count = 0
-    for layer in lora_layers(model).values():
+    for layer in model.modules():
         if not isinstance(layer, LoraLinear):
             continue
         for adapter, lora_b in layer.lora_B.items():

@@ -25,6 +25,10 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def oloraplus_home() -> Path:
     return Path(os.environ.get("OLORAPLUS_HOME", Path.home() / ".cache" / "oloraplus"))
 

@@ -9,7 +9,7 @@ from oloraplus.errors import UserError, check_positive
 from oloraplus.evaluation.evaluate import METRIC_MODES
 from oloraplus.fast.attention import ATTENTIONS
 from oloraplus.method.adapters import OLoRAPlusConfig
-from oloraplus.method.registry import METHODS
+from oloraplus.method.registry import METHODS, get_method, plus_method
 from oloraplus.models.registry import DEFAULT_MODEL
 from oloraplus.training.distributed import per_device_batch_size
 
@@ -41,6 +41,7 @@ class TrainConfig:
     precision: str = "auto"
     attention: str = "auto"  # training attention kernel: auto = grouped eager for short batches on CPU, else SDPA
     compile: bool = False  # torch.compile each decoder layer for training (pays on long runs; runtime.compile_layers)
+    fast: bool = True  # the speed patches of oloraplus.fast; False: the plain PEFT + Trainer path
     eval_batch_size: int = 8
     generation_batch_size: int = 64
     group_by_length: bool = True
@@ -53,15 +54,13 @@ class TrainConfig:
     target_modules: list[str] | None = field(default=None)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
-        takes_ratio = METHODS[self.method][1]
+        takes_ratio = get_method(self.method).takes_ratio
         if takes_ratio and self.ratio is None:
             raise UserError(f"--method {self.method} needs --ratio (lambda = lr_B / lr_A), e.g. --ratio 0.25")
         if not takes_ratio and self.ratio not in (None, 1, 1.0):
             raise UserError(
                 f"--method {self.method} trains A and B at one learning rate; use --method "
-                f"{self.method}-plus for --ratio {self.ratio}"
+                f"{plus_method(get_method(self.method).family).name} for --ratio {self.ratio}"
             )
         for name in ("rank", "batch_size", "n_train", "n_eval", "max_length", "max_new_tokens",
                      "eval_batch_size", "generation_batch_size"):
@@ -95,7 +94,7 @@ class TrainConfig:
             alpha=self.alpha,
             dropout=self.dropout,
             target_modules=self.target_modules,
-            init=METHODS[self.method][0],
+            init=METHODS[self.method].init,
             lr=self.lr,
             ratio=self.lam,
             weight_decay=self.weight_decay,

@@ -102,7 +102,7 @@ def train(config: TrainConfig) -> dict:
             "metrics": metrics,
             "evaluation": details,
             "config": asdict(config),
-            "method": {"name": config.method, "init": METHODS[config.method][0], "ratio": config.lam,
+            "method": {"name": config.method, "init": METHODS[config.method].init, "ratio": config.lam,
                        "lr_A": config.lr, "lr_B": config.lr * config.lam},
             "precision": precision,
             "device": device,

@@ -14,12 +14,11 @@ import torch
 
 from oloraplus.errors import UserError
 from oloraplus.fast.compile import uncompile_layers
+from oloraplus.models.loading import default_device  # noqa: F401  (re-exported: where training runs)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_fast_bf16() -> bool:
