@@ -1,6 +1,6 @@
 """Probe: one optimiser step over SmolLM2-shaped LoRA tensors: AdamW for-loop vs foreach vs fused on CPU.
 
-(bench/NOTES.md, 2026-11-29). Run: .venv/bin/python bench/adamw_probe.py
+(bench/NOTES.md, 2026-11-29). Run: .venv/bin/python -m bench.adamw_probe
 """
 import torch, time
 torch.set_num_threads(2)

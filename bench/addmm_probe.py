@@ -1,10 +1,10 @@
-"""Probe: the LoRA update added inside the up-projection's matmul (adapters.AddmmLoRA) vs PEFT's
+"""Probe: the LoRA update added inside the up-projection's matmul (fast/addmm.py AddmmLoRA) vs PEFT's
 ``result + lora_B(lora_A(x)) * s``, for one training step (forward + backward) on CPU.
 
 Single thread, thread CPU time, the two variants alternated on the same real length-sorted
 batches (bf16 autocast, frozen weights in bf16, attention kernel per batch, as `oloraplus train`
 runs); also each variant's loss and gradients against an fp32 model on two batches
-(bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python bench/addmm_probe.py
+(bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python -m bench.addmm_probe
 """
 import time
 

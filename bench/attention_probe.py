@@ -5,13 +5,12 @@ of batches of 8 real Alpaca records, the three kernels alternated on each batch,
 time, 2 threads. Without lengths: 8 length-sorted batches of the bench's 256-record split (every
 32nd record). With lengths: for each, the 8 records of the first 3000 nearest below that length.
 Run from the repo root on a quiet machine:
-    .venv/bin/python bench/attention_probe.py smollm2-135m [60,120,200,256,320,400,500]
+    .venv/bin/python -m bench.attention_probe smollm2-135m [60,120,200,256,320,400,500]
 """
 import sys
 import time
 
-sys.path.insert(0, "bench")
-from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
+from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
 from oloraplus.fast.attention import GROUPED, use_attention  # noqa: E402
 

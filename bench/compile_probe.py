@@ -1,15 +1,13 @@
 """Probe: torch.compile (inductor, dynamic shapes) vs eager for one training step on CPU.
 
 Single thread, thread CPU time, the two variants alternated on the same real batches
-(bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python bench/compile_probe.py
+(bench/NOTES.md has the numbers). Run from the repo root: .venv/bin/python -m bench.compile_probe
 """
-import sys
 import time
 
 import torch
 torch.set_num_threads(1)
-sys.path.insert(0, "bench")
-from probe_setup import forward_backward  # noqa: E402
+from bench.probe_setup import forward_backward  # noqa: E402
 from oloraplus.method.adapters import apply_olora
 from oloraplus.models.loading import load_model
 from oloraplus.fast.attention import use_attention

@@ -73,7 +73,7 @@ def split_examples(cfg: BenchConfig, tokenizer):
 
 
 def _eval_loss(merged, examples, pad_id) -> float:
-    """The same eval-loss code for both stacks, on the model ``runtime.merged_for_eval`` returns."""
+    """The same eval-loss code for both stacks, on the model ``training.runtime.merged_for_eval`` returns."""
     from oloraplus.evaluation.evaluate import eval_loss
 
     return eval_loss(merged, examples, pad_id, batch_size=8, progress=False)["eval_loss"]
@@ -335,13 +335,16 @@ def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> 
     from oloraplus.data.records import load_records
     from oloraplus.models.loading import resolve_model
 
+    from oloraplus.outputs import check_output_file
+
+    # empty, a folder, a path under a file, too long, a dangling link, the data file itself, or a
+    # folder that cannot be written (probed): refused now, not after the measurements
+    check_output_file(output, inputs=[data, *models])
     for name in models:
         resolve_model(name)
     source = load_records(data)
     if len(source.records) < n_records:
         raise UserError(f"bench needs at least {n_records} records; {data} has {len(source.records)}")
-    if Path(output).is_dir():
-        raise UserError(f"--output {output} is a folder; pass a JSON file path")
 
 
 def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dict | None = None) -> dict:

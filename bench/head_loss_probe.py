@@ -1,17 +1,17 @@
-"""Probe: the fused LM head + cross-entropy (loss.HeadCrossEntropy) vs the plain path
+"""Probe: the fused LM head + cross-entropy (fast/head_loss.py) vs the plain path
 (``F.cross_entropy`` over materialised fp32 logits), for one training forward + backward on CPU.
 
 Both paths alternate on the same real length-sorted batches (bf16 autocast, frozen weights in
 bf16, attention kernel per batch, as `oloraplus train` runs), 2 repeats, wall time with the
 default threads; first the loss and the LoRA gradients of both on two batches.
-Run from the repo root: .venv/bin/python bench/head_loss_probe.py [smollm2-135m|gemma3-270m]
+Run from the repo root: .venv/bin/python -m bench.head_loss_probe [smollm2-135m|gemma3-270m]
 """
 import sys
 import time
 
 import torch
 
-from oloraplus import evaluation
+import oloraplus.method.loss as loss_module  # looks fusable_head up here: the switch below
 from oloraplus.method.adapters import apply_olora
 from bench.harness import BenchConfig, split_examples
 from oloraplus.data.batching import collate
@@ -37,7 +37,7 @@ lora = [p for p in model.parameters() if p.requires_grad]
 
 
 def step(batch, fused: bool):
-    evaluation.fusable_head = fusable_head if fused else (lambda m: None)
+    loss_module.fusable_head = fusable_head if fused else (lambda m: None)
     use_attention(model, attention_kernel("auto", "cpu", batch["input_ids"].shape[1]))
     t = time.perf_counter()
     with autocast("bf16", "cpu"):

@@ -1,6 +1,6 @@
 """Probe: one 256-row chunk of the fused LM head + cross-entropy (forward and hidden-state
 gradient), the previous element-wise passes against the current ones, with glibc's default
-malloc and with freed memory kept (``runtime.keep_freed_memory``, in a second process: the
+malloc and with freed memory kept (``fast.memory.keep_freed_memory``, in a second process: the
 setting cannot be undone). Random bf16 weights at the real head shapes; wall time, 2 threads,
 median of 7 after 2 warm-up calls, the two variants alternated.
 
@@ -10,7 +10,7 @@ median of 7 after 2 warm-up calls, the two variants alternated.
   ``softmax(bf16 logits) @ W - W[targets]`` (one softmax pass, the one-hot part exactly).
 Also each gradient's relative error against fp64 arithmetic on the same bf16 logits.
 
-Run from the repo root: .venv/bin/python bench/head_passes_probe.py
+Run from the repo root: .venv/bin/python -m bench.head_passes_probe
 """
 import subprocess
 import sys
@@ -77,4 +77,4 @@ if __name__ == "__main__":
         measure(sys.argv[1])
     else:
         for memory in ("default", "kept"):
-            subprocess.run([sys.executable, __file__, memory], check=True)
+            subprocess.run([sys.executable, "-m", "bench.head_passes_probe", memory], check=True)

@@ -4,16 +4,14 @@ addmm: `AddmmLoRA` as shipped, `addmm(result, h, B^T, alpha=s)`; inplace: `resul
 up-projection folded into the base matmul along K, `[x, h] @ [W, sB]^T`, one autograd function whose
 backward gives dx and dh from one matmul. Forward + backward of 8 real length-sorted batches, the three
 alternated on each batch, 3 repeats, wall time, 2 threads. Run from the repo root on a quiet machine:
-    .venv/bin/python bench/lora_forward_probe.py
+    .venv/bin/python -m bench.lora_forward_probe
 """
-import sys
 import time
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-sys.path.insert(0, "bench")
-from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
+from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
 from oloraplus.fast.addmm import AddmmLoRA  # noqa: E402
 

@@ -4,7 +4,7 @@ PEFT-style ``x W^T + s (x A^T) B^T`` under bf16 autocast against one custom auto
 that multiplies by ``[W; A]`` once (forward) and by ``[dY, dU] [W; A]`` once (input gradient).
 SmolLM2's projection shapes at 800 tokens (a batch of 8 x 100), forward + backward, best of 3
 blocks of 30 alternated; also the output and gradient difference of the two.
-Run from the repo root: .venv/bin/python bench/lora_weight_probe.py
+Run from the repo root: .venv/bin/python -m bench.lora_weight_probe
 """
 import time
 

@@ -4,7 +4,7 @@ The forward (x W^T) and the input gradient (dY W) of the seven projections of on
 counts of the bench's batches of 8; plain `F.linear` / `@` against `torch.ops.mkldnn._linear_pointwise`
 with weights reordered once by `torch.ops.mkldnn._reorder_linear_weight` (W and W^T, as inductor's
 freezing does on CPU). Alternated, median of 25. (bench/NOTES.md, 2026-11-29.)
-Run from the repo root: .venv/bin/python bench/packed_weight_probe.py
+Run from the repo root: .venv/bin/python -m bench.packed_weight_probe
 """
 import time
 

@@ -1,15 +1,13 @@
-"""Probe: each decoder layer torch.compiled (`runtime.compile_layers`) vs eager, SmolLM2 training steps on CPU.
+"""Probe: each decoder layer torch.compiled (`fast.compile.compile_layers`) vs eager, SmolLM2 training steps on CPU.
 
 Forward + backward of 8 real length-sorted batches of the bench split (bf16, LoRA r = 32, the grouped
 attention kernel), compiled and eager alternated on each batch, 2 repeats, wall time, 2 threads; prints
 the first three compiled steps (the compile) and the ratio. Run twice from the repo root, the first time
-with an empty cache: TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python bench/regional_compile_probe.py
+with an empty cache: TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python -m bench.regional_compile_probe
 """
-import sys
 import time
 
-sys.path.insert(0, "bench")
-from probe_setup import forward_backward, training_model_and_batches  # noqa: E402
+from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
 
 from oloraplus.fast.compile import compile_layers, decoder_layers  # noqa: E402
 

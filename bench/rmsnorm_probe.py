@@ -4,12 +4,12 @@ Whole SmolLM2 training steps (8 real batches, 3 repeats), transformers' RMSNorm 
 one alternated batch by batch in one process (bench/NOTES.md, 2026-11-29). The hand-written forward
 takes the same steps as transformers' (fp32 statistics, rounded once, then the weight); its backward
 is dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, and saves the bf16 input instead of
-fp32 intermediates. Run from the repo root: .venv/bin/python bench/rmsnorm_probe.py
+fp32 intermediates. Run from the repo root: .venv/bin/python -m bench.rmsnorm_probe
 """
 import time
 
 import torch
-from probe_setup import forward_backward, training_model_and_batches
+from bench.probe_setup import forward_backward, training_model_and_batches
 from transformers.models.llama import modeling_llama
 
 torch.set_num_threads(2)

@@ -4,7 +4,7 @@ Three forms alternated: separate (as trained), fused (base weights and LoRA A's 
 matmul) and fused_a (only the group's LoRA A's as one matmul, each base weight on its own).
 
 bf16 tensors with autograd, forward + backward, median of 30, alternated (bench/NOTES.md, 2026-11-29).
-Run from the repo root: .venv/bin/python bench/sibling_fusion_probe.py
+Run from the repo root: .venv/bin/python -m bench.sibling_fusion_probe
 """
 import torch, time
 torch.manual_seed(0)

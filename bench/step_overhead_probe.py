@@ -4,12 +4,12 @@
    real batch padded by 1..8 extra tokens, each variant stepped twice: first (new shapes) vs second.
 2. Fixed cost: a step on one 8-token record, where the arithmetic is nearly nothing.
 3. The same per real batch of the bench split: first step at its length against the next two.
-(bench/NOTES.md, 2026-11-29.) Run from the repo root: .venv/bin/python bench/step_overhead_probe.py
+(bench/NOTES.md, 2026-11-29.) Run from the repo root: .venv/bin/python -m bench.step_overhead_probe
 """
 import time
 
 import torch
-from probe_setup import forward_backward, training_model_and_batches
+from bench.probe_setup import forward_backward, training_model_and_batches
 
 torch.set_num_threads(2)
 model, batches = training_model_and_batches()

@@ -2,7 +2,7 @@
 
 PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation, so each setting needs its own
 process; run them alternated from the repo root (bench/NOTES.md, 2026-11-29):
-    for i in 1 2 3; do for v in 0 1; do THP_MEM_ALLOC_ENABLE=$v .venv/bin/python bench/thp_probe.py; done; done
+    for i in 1 2 3; do for v in 0 1; do THP_MEM_ALLOC_ENABLE=$v .venv/bin/python -m bench.thp_probe; done; done
 Each process: one warm-up step, then the 8 real SmolLM2 batches twice; prints the time, the
 minor page faults and how much of the process sits in huge pages.
 """
@@ -11,7 +11,7 @@ import resource
 import time
 
 import torch
-from probe_setup import forward_backward, training_model_and_batches
+from bench.probe_setup import forward_backward, training_model_and_batches
 
 torch.set_num_threads(2)
 model, batches = training_model_and_batches()
