@@ -1,9 +1,12 @@
-"""OLoRA initialisation checked against an independent full QR and against PEFT's own "olora".
+"""OLoRA and PiSSA initialisation checked against independent references and against PEFT's own
+"olora" and "pissa".
 
-The reference for every adapted layer is ``torch.linalg.qr`` of the whole fp32 weight (not the
-first-r-columns shortcut ``apply_olora`` uses). QR is unique only up to the signs of Q's
+The OLoRA reference for every adapted layer is ``torch.linalg.qr`` of the whole fp32 weight (not
+the first-r-columns shortcut ``apply_olora`` uses). QR is unique only up to the signs of Q's
 columns / R's rows, so both sides are normalised to a non-negative diagonal of R before
-comparing, and the sign-free product B @ A is compared as well.
+comparing, and the sign-free product B @ A is compared as well. The PiSSA reference is a float64
+SVD of the weight, with B = U_r sqrt(S_r / s) and A = sqrt(S_r / s) V_r^T (the paper's factors),
+signs fixed the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 
 from oloraplus.errors import UserError
 from oloraplus.fast.addmm import AddmmLoRA, use_addmm_lora
-from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora, lora_layers
+from oloraplus.method.adapters import OLoRAPlusConfig, adapter_settings, apply_adapters, apply_olora, lora_layers
 
 FAMILIES = ["llama", "opt", "gemma"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -117,15 +120,17 @@ def test_olora_init_matches_independent_qr(family, dtype):
         assert rel_err(after, reference_fp32) < 5 * bf16_noise
 
 
+@pytest.mark.parametrize("init", ["olora", "pissa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_matches_plain_peft_olora(family, dtype):
-    """PEFT's own init_lora_weights="olora" (full QR) gives the same product, base and outputs."""
+def test_matches_plain_peft(family, dtype, init):
+    """PEFT's own init_lora_weights="olora" (full QR) / "pissa" (full SVD) gives the same product,
+    base and outputs."""
     model = tiny_model(family, dtype=dtype)
     ids = inputs(2)
-    ours = apply_olora(copy.deepcopy(model), OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
+    ours = apply_adapters(copy.deepcopy(model), OLoRAPlusConfig(rank=RANK, alpha=ALPHA, init=init))
     peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted(EXPECTED_TARGETS[family]),
-                             init_lora_weights="olora", task_type="CAUSAL_LM")
+                             init_lora_weights=init, task_type="CAUSAL_LM")
     theirs = get_peft_model(copy.deepcopy(model), peft_config)
     ours_layers, their_layers = lora_layers(ours), lora_layers(theirs)
     assert ours_layers.keys() == their_layers.keys()
@@ -149,7 +154,85 @@ def test_matches_plain_peft_olora(family, dtype):
         torch.testing.assert_close(ours_out, their_out, rtol=1e-4, atol=1e-4)
     else:
         assert rel_err(ours_out, their_out) < 0.05
-    assert ours.peft_config["default"].init_lora_weights == "olora"
+    assert ours.peft_config["default"].init_lora_weights == init
+
+
+def reference_svd(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T from a float64 SVD, signs fixed so
+    that each column of B has a non-negative sum (B @ A is unchanged)."""
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    root = torch.sqrt(s[:rank] / scale)
+    return same_signs(u[:, :rank] * root, root[:, None] * vh[:rank])
+
+
+def same_signs(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    signs = torch.sign(b.sum(dim=0))
+    signs[signs == 0] = 1
+    return b * signs, a * signs[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pissa_init_matches_independent_svd(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    weights = original_weights(model)
+    ids = inputs()
+    before = logits(model, ids)
+    reference_fp32 = logits(tiny_model(family), ids)
+
+    peft_model = apply_adapters(model, OLoRAPlusConfig(rank=RANK, alpha=ALPHA, init="pissa"))
+    layers = lora_layers(peft_model)
+    assert {n.rsplit(".", 1)[-1] for n in layers} == EXPECTED_TARGETS[family]
+    scale = ALPHA / RANK
+    for name, layer in layers.items():
+        w = weights[peft_key(name)]
+        b_ref, a_ref = reference_svd(w.float(), RANK, scale)  # the fp32 weight PEFT factorises too
+        b = layer.lora_B["default"].weight.detach()
+        a = layer.lora_A["default"].weight.detach()
+        assert b.dtype == a.dtype == torch.float32, "adapter factors must be kept in fp32"
+        b_s, a_s = same_signs(b.double(), a.double())
+        # A float32 SVD moves singular vector j by about eps * ||W|| / gap_j (gap_j: the distance
+        # to the nearest other singular value), and random weights have neighbours 0.05% apart:
+        # each column is held to a tolerance of its own, the sign-free product to 1e-5.
+        s_all = torch.linalg.svdvals(w.double())
+        gaps = torch.minimum((s_all[:RANK] - s_all[1 : RANK + 1]).abs(),
+                             torch.cat([s_all[:1], s_all[: RANK - 1] - s_all[1:RANK]]).abs())
+        tol = torch.clamp(1e-6 * s_all[0] / gaps, min=1e-5)
+        assert ((b_s - b_ref).abs().amax(dim=0) <= tol).all(), f"{name}: B != U_r sqrt(S_r/s)"
+        assert ((a_s - a_ref).abs().amax(dim=1) <= tol).all(), f"{name}: A != sqrt(S_r/s) V_r^T"
+        torch.testing.assert_close(b.double() @ a.double(), b_ref @ a_ref, rtol=0, atol=1e-5)
+        # s B A is W's best rank-r approximation: the residual holds exactly W's other singular values.
+        residual = w.double() - scale * (b.double() @ a.double())
+        torch.testing.assert_close(torch.linalg.svdvals(residual)[: len(s_all) - RANK], s_all[RANK:],
+                                   rtol=1e-4, atol=1e-4)
+        base = layer.get_base_layer().weight.detach()
+        assert base.dtype == dtype
+        expected = residual.float().to(dtype).float()
+        if dtype == torch.float32:
+            torch.testing.assert_close(base.float(), expected, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(base.float(), expected, rtol=2**-7, atol=1e-4)
+
+    after = logits(peft_model, ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    else:
+        bf16_noise = rel_err(before, reference_fp32)
+        assert 0 < bf16_noise < 0.05
+        assert rel_err(after, before) < max(4 * bf16_noise, 1e-3)
+        assert rel_err(after, reference_fp32) < 5 * bf16_noise
+    assert peft_model.peft_config["default"].init_lora_weights == "pissa"
+
+
+def test_apply_records_its_config_on_the_model():
+    config = OLoRAPlusConfig(rank=4, ratio=16, lr=1e-3, weight_decay=0.1)
+    model = apply_adapters(tiny_model("llama"), config)
+    assert adapter_settings(model) is config
+    assert adapter_settings(copy.deepcopy(model)).ratio == 16
+    assert adapter_settings(tiny_model("llama")) is None
+    assert apply_olora is apply_adapters
+    unset = OLoRAPlusConfig()
+    assert (unset.lr, unset.ratio, unset.weight_decay) == (None, None, None)  # "not given"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,8 +296,8 @@ def test_bad_targets_are_user_errors(targets, needle):
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 0}, {"rank": -1}, {"alpha": 0}, {"ratio": 0},
-                                    {"ratio": float("nan")}, {"lr": float("inf")}, {"init": "pissa"},
-                                    {"dropout": 1.0}])
+                                    {"ratio": float("nan")}, {"lr": float("inf")}, {"init": "loftq"},
+                                    {"dropout": 1.0}, {"weight_decay": -0.1}, {"lr": 0}])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(UserError):
         OLoRAPlusConfig(**kwargs)

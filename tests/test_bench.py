@@ -16,6 +16,8 @@ from conftest import make_records
 from bench.harness import run_bench
 from oloraplus.cli import main
 
+pytestmark = pytest.mark.slow  # the bench harness trains in child processes
+
 
 @pytest.fixture
 def bench_records(tmp_path):

@@ -170,6 +170,7 @@ def test_missing_data_file(tiny_checkpoint, tmp_path, capsys):
                        "--output", str(tmp_path / "run"), "--method", "olora", *SPLIT_FLAGS], capsys, "nope.json")
 
 
+@pytest.mark.slow
 def test_python_m_help():
     done = subprocess.run([sys.executable, "-m", "oloraplus", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -24,8 +24,9 @@ from oloraplus.data.tokenize import tokenize_records
 from oloraplus.evaluation.evaluate import eval_loss
 
 dist = pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,  # real torchrun / gloo processes
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with gloo is not available")]
 RATIO = 4.0
 
 

@@ -19,7 +19,7 @@ from oloraplus.cli import main
 from oloraplus.errors import UserError
 from oloraplus.experiments.grid import PRESETS, expand_grid, format_ratio, parse_ratio, preset_grid, run_grid, safe_name
 from oloraplus.files import write_json_atomic
-from oloraplus.training.checkpoints import prepare_output
+from oloraplus.training.checkpoints import finish_output, prepare_output
 
 
 def fake_metrics(config) -> dict:
@@ -48,13 +48,16 @@ class FakeTrain:
         results = {"metrics": fake_metrics(config), "evaluation": {"metrics_mode": config.metrics_mode},
                    "config": asdict(config), "timings_seconds": {"train": 0.5, "total": 1.0}}
         write_json_atomic(out / "results.json", results)
+        finish_output(config.output)  # a replaced (--overwrite) run is swapped in only now, as in train()
         return results
 
 
 @pytest.fixture(autouse=True)
 def no_data_check(monkeypatch):
-    """The fake runs read no data: skip the grid's up-front data-file check (tested on its own below)."""
+    """The fake runs read no data and load no model: skip the grid's up-front data-file and model-name
+    checks (tested on their own)."""
     monkeypatch.setattr(experiments, "local_data_file", lambda data: None)
+    monkeypatch.setattr(experiments, "resolve_model", lambda name: name)  # the fake runs load no model
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The fused head + cross-entropy (``loss.HeadCrossEntropy``) against the plain path.
+"""The fused head + cross-entropy (``fast.head_loss.HeadCrossEntropy``) against the plain path.
 
-References: ``F.cross_entropy`` over the model's own logits at the response positions (and its
-autograd gradients), and the Hugging Face model's own ``labels=`` loss.
+References: ``F.cross_entropy`` over the model's own logits at the response positions
+(``method.loss`` with ``fast=False``, and its autograd gradients), and the Hugging Face model's
+own ``labels=`` loss.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def peft_model(family, tokenizer, softcap=None):
 
 
 def plain_loss(model, batch, reduction="mean"):
-    logits, targets = response_logits(model, **batch)
+    logits, targets = response_logits(model, **batch, fast=False)  # every position's logits, rows selected
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
@@ -94,6 +95,30 @@ def test_eval_loss_uses_the_fused_path_without_gradients(tiny_tokenizer, batch):
         total = sum(plain_loss(model, collate(kept[i : i + 4], tiny_tokenizer.pad_token_id), "sum").item()
                     for i in range(0, len(kept), 4))
     assert result["eval_loss"] == pytest.approx(total / result["eval_tokens"], rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_eval_loss_is_the_same_on_the_plain_path(family, tiny_tokenizer):
+    model = peft_model(family, tiny_tokenizer)
+    kept, _ = tokenize_records(make_records(6), tiny_tokenizer, max_length=256)
+    fast = eval_loss(model, kept, tiny_tokenizer.pad_token_id, batch_size=4, progress=False)
+    plain = eval_loss(model, kept, tiny_tokenizer.pad_token_id, batch_size=4, progress=False, fast=False)
+    assert plain["eval_tokens"] == fast["eval_tokens"]
+    assert plain["eval_loss"] == pytest.approx(fast["eval_loss"], rel=1e-6)
+
+
+def test_the_plain_path_touches_no_patch(tiny_tokenizer, batch, monkeypatch):
+    import oloraplus.method.loss as method_loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a speed patch ran with fast=False")
+
+    model = peft_model("llama", tiny_tokenizer)
+    for name in ("fused_response_loss", "kept_logits"):
+        monkeypatch.setattr(method_loss, name, refuse)
+    logits, targets = response_logits(model, **batch, fast=False)
+    assert logits.shape == (len(targets), len(tiny_tokenizer))
+    torch.testing.assert_close(response_loss(model, **batch, fast=False), model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
 def test_heads_the_fused_path_does_not_take(tiny_tokenizer):

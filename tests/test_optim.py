@@ -153,16 +153,67 @@ def test_trainer_ratio_from_constructor(tmp_path, train_dataset, tiny_tokenizer,
     assert optimizer.defaults["eps"] == args.adam_epsilon
 
 
-def test_trainer_ratio_from_training_arguments(tmp_path, train_dataset, tiny_tokenizer):
-    model = peft_model_with_extras()
-    args = base_args(tmp_path, OLoRAPlusTrainingArguments, ratio=8.0)
-    trainer = trainer_for(model, args, train_dataset, tiny_tokenizer)
+# Where a ratio can be given: the Trainer's constructor, OLoRAPlusTrainingArguments, and the
+# OLoRAPlusConfig that apply_olora records on the model.
+SOURCES = ("constructor", "arguments", "config")
+SOURCE_NAMES = {"constructor": "OLoRAPlusTrainer(ratio=", "arguments": "OLoRAPlusTrainingArguments(ratio=",
+                "config": "OLoRAPlusConfig(ratio="}
+
+
+def trainer_with_ratios(tmp_path, dataset, tokenizer, ratios: dict[str, float], **config):
+    """A Trainer (and its model) with ``ratios[source]`` given at each named source only."""
+    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, ratio=ratios.get("config"), **config))
+    args = base_args(tmp_path, OLoRAPlusTrainingArguments, ratio=ratios.get("arguments"))
+    kwargs = {"ratio": ratios["constructor"]} if "constructor" in ratios else {}
+    return trainer_for(model, args, dataset, tokenizer, **kwargs), model
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_trainer_ratio_given_one_way_reaches_the_groups(tmp_path, train_dataset, tiny_tokenizer, source):
+    trainer, model = trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, {source: 8.0})
     assert trainer.ratio == 8.0
     check_groups(model, trainer.create_optimizer(), LR, 8.0, WD)
-    # The constructor wins over the arguments.
-    model = peft_model_with_extras()
-    trainer = trainer_for(model, args, train_dataset, tiny_tokenizer, ratio=0.25)
+
+
+def test_trainer_ratio_given_nowhere_is_one(tmp_path, train_dataset, tiny_tokenizer):
+    trainer, model = trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, {})
+    assert OLoRAPlusTrainingArguments(output_dir=str(tmp_path)).ratio is None  # "not given"
+    check_groups(model, trainer.create_optimizer(), LR, 1.0, WD)
+
+
+@pytest.mark.parametrize("sources", [("constructor", "arguments"), ("constructor", "config"),
+                                     ("arguments", "config"), SOURCES])
+def test_trainer_ratio_given_twice_alike_is_used(tmp_path, train_dataset, tiny_tokenizer, sources):
+    trainer, model = trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, dict.fromkeys(sources, 0.25))
     check_groups(model, trainer.create_optimizer(), LR, 0.25, WD)
+
+
+@pytest.mark.parametrize("pair", [("constructor", "arguments"), ("constructor", "config"), ("arguments", "config")])
+def test_trainer_ratio_given_twice_differently_names_both(tmp_path, train_dataset, tiny_tokenizer, pair):
+    ratios = {pair[0]: 0.25, pair[1]: 16.0}
+    with pytest.raises(UserError) as info:
+        trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, ratios)
+    message = str(info.value)
+    for source in pair:
+        assert f"{SOURCE_NAMES[source]}{ratios[source]})" in message, message
+
+
+def test_config_lr_and_weight_decay_must_match_the_arguments(tmp_path, train_dataset, tiny_tokenizer):
+    """TrainingArguments always has a learning rate and weight decay, so a config value is checked
+    against them: equal, it is the value the groups get; different, the Trainer refuses to start."""
+    trainer, model = trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, {"config": 4.0},
+                                         lr=LR, weight_decay=WD)
+    check_groups(model, trainer.create_optimizer(), LR, 4.0, WD)
+    for field, arg, value in (("lr", "learning_rate", 2 * LR), ("weight_decay", "weight_decay", 2 * WD)):
+        with pytest.raises(UserError) as info:
+            trainer_with_ratios(tmp_path, train_dataset, tiny_tokenizer, {}, **{field: value})
+        message = str(info.value)
+        assert f"OLoRAPlusConfig({field}={value})" in message and f"({arg}=" in message, message
+    # Left at TrainingArguments' default learning rate, the config's lr is still not silently replaced.
+    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, lr=LR))
+    default_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(UserError, match="learning_rate"):
+        trainer_for(model, default_args, train_dataset, tiny_tokenizer)
 
 
 def test_trainer_rejects_bad_ratio(tmp_path, train_dataset, tiny_tokenizer):

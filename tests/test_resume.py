@@ -19,6 +19,7 @@ from oloraplus.cli import main
 from oloraplus.data.tokenize import tokenize_records
 from oloraplus.errors import UserError
 from oloraplus.method.adapters import apply_olora
+from oloraplus.method.registry import METHODS
 from oloraplus.method.trainer import KILL_AT_STEP_ENV
 from oloraplus.training.checkpoints import CHECKPOINTS, RUN_CONFIG, resume_checkpoint
 from oloraplus.training.config import TrainConfig
@@ -27,9 +28,9 @@ from oloraplus.training.recipe import build_trainer
 RATIO = 4.0
 
 
-def _flags(checkpoint: Path, data: Path, out: Path) -> list[str]:
+def _flags(checkpoint: Path, data: Path, out: Path, method: str = "olora-plus") -> list[str]:
     return ["train", "--model", str(checkpoint), "--data", str(data), "--output", str(out),
-            "--method", "olora-plus", "--ratio", str(RATIO), "--rank", "4", "--lr", "5e-3",
+            "--method", method, "--ratio", str(RATIO), "--rank", "4", "--lr", "5e-3",
             "--n-train", "16", "--n-eval", "6", "--batch-size", "2", "--max-steps", "6", "--save-steps", "2",
             "--max-new-tokens", "6", "--precision", "fp32", "--no-progress"]
 
@@ -39,13 +40,17 @@ def _group_lrs(checkpoint: Path) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in state["param_groups"]}
 
 
-def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tiny_checkpoint, records_file, tmp_path, capsys):
+# PiSSA, registered like OLoRA, gets the same guarantee (its init also rewrites the base weights).
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["olora-plus", "pissa-plus"])
+def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tiny_checkpoint, records_file, tmp_path, capsys,
+                                                                method):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(_flags(tiny_checkpoint, records_file, straight)) == 0, capsys.readouterr().err
+    assert main(_flags(tiny_checkpoint, records_file, straight, method)) == 0, capsys.readouterr().err
 
     # Die like an OOM kill at the end of step 3: checkpoint-2 is on disk, step 3 is lost.
     env = {**os.environ, KILL_AT_STEP_ENV: "3", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "oloraplus", *_flags(tiny_checkpoint, records_file, killed)],
+    done = subprocess.run([sys.executable, "-m", "oloraplus", *_flags(tiny_checkpoint, records_file, killed, method)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
     assert (killed / CHECKPOINTS / "checkpoint-2" / "trainer_state.json").is_file()
@@ -53,12 +58,15 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tiny_checkpoint, 
     assert not (killed / "results.json").exists(), "a killed run must not look complete"
 
     # Without --resume the folder is refused, with it the run continues.
-    assert main(_flags(tiny_checkpoint, records_file, killed)) == 2
+    assert main(_flags(tiny_checkpoint, records_file, killed, method)) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main([*_flags(tiny_checkpoint, records_file, killed), "--resume"]) == 0, capsys.readouterr().err
+    assert main([*_flags(tiny_checkpoint, records_file, killed, method), "--resume"]) == 0, capsys.readouterr().err
 
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((killed / "results.json").read_text())
+    assert a["method"]["init"] == METHODS[method].init
+    adapter_config = json.loads((killed / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["init_lora_weights"] == METHODS[method].init  # plain PEFT rebuilds the start
     assert b["training"]["resumed_from"].endswith("checkpoint-2")
     assert a["training"]["steps"] == b["training"]["steps"] == 6
     assert b["metrics"]["eval_loss"] == pytest.approx(a["metrics"]["eval_loss"], abs=1e-6)
@@ -126,7 +134,13 @@ def test_data_order_after_resume_is_the_uninterrupted_order(group_by_length, tin
 
 
 def _state(folder: Path, step: int, text: str | None = None) -> None:
+    """A checkpoint folder with stand-in weights and optimizer state, and ``text`` as its trainer_state.json."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, folder / name)
     if text is not None:
         (folder / "trainer_state.json").write_text(text)
 

@@ -1,4 +1,4 @@
-"""``runtime.keep_freed_memory``: freed blocks are reused, not faulted in again page by page.
+"""``fast.memory.keep_freed_memory``: freed blocks are reused, not faulted in again page by page.
 
 Each case runs in a fresh interpreter: the setting is process-wide and cannot be undone.
 """
@@ -13,15 +13,15 @@ import pytest
 
 from oloraplus.fast.memory import keep_freed_memory
 
-# Allocates, touches and frees a 64 MiB tensor 6 times (the heap settles: a freed block is a
-# little too small for the next 64-byte-aligned one until neighbours coalesce), then counts the
-# minor page faults of 4 more.
+# Allocates, touches and frees a 64 MiB tensor 12 times (the heap settles: a freed block is a
+# little too small for the next 64-byte-aligned one until neighbours coalesce, which took from 2
+# to 8 rounds), then counts the minor page faults of 4 more.
 SCRIPT = """
 import resource, sys, torch
 from oloraplus.fast.memory import keep_freed_memory
 kept = keep_freed_memory(sys.argv[1]) if sys.argv[1] != "default" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(6):
+for _ in range(12):
     torch.ones(64 * 2**20, dtype=torch.uint8)
 before = faults()
 for _ in range(4):
@@ -36,6 +36,7 @@ def _faults(mode: str) -> tuple[str, int]:
     return kept, int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_freed_memory_is_reused_without_page_faults():
     default_kept, default_faults = _faults("default")
@@ -71,6 +72,7 @@ def test_train_and_evaluate_keep_freed_memory_before_loading_the_model(tmp_path,
     assert calls == ["cpu", "load", "cpu", "load"]
 
 
+@pytest.mark.slow
 def test_compiled_layers_compute_what_the_eager_layers_compute():
     """Regional compilation: each decoder layer compiled, same loss and LoRA gradients, undone for eval."""
     import torch
@@ -125,6 +127,7 @@ def test_compile_needs_a_cpp_compiler_on_cpu(monkeypatch):
         compile_layers(tiny_model("llama"), "cpu")
 
 
+@pytest.mark.slow
 def test_a_grid_with_compile_trains_each_run_compiled_and_like_without_it(tmp_path, tiny_checkpoint, records_file,
                                                                            monkeypatch):
     """`--compile` through `sweep`: two runs in one process, each compiled, each learning what it learns eagerly."""

@@ -1,6 +1,12 @@
 """``oloraplus`` command line: a thin layer over the library.
 
 Every user mistake becomes one ``error: ...`` line on stderr and exit code 2.
+
+The run settings have one definition, :class:`~oloraplus.training.config.TrainConfig`: the flags
+of ``train`` are derived from its fields by ``transformers.HfArgumentParser`` (each field's help
+and choices travel in its metadata), ``evaluate``, ``reproduce`` and ``sweep`` take subsets of the
+same fields, a ``--config FILE`` gives defaults for them that flags on the command line override,
+and ``train --print-config`` writes the resolved settings as such a file.
 """
 
 from __future__ import annotations
@@ -8,91 +14,120 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 import warnings
+from collections.abc import Collection
+from dataclasses import field, fields, make_dataclass
+
+from transformers import HfArgumentParser
 
 from oloraplus.data.records import DEFAULT_DATA
 from oloraplus.errors import UserError
-from oloraplus.fast.attention import ATTENTIONS, CPU_EAGER_MAX_LENGTH
+from oloraplus.evaluation.evaluate import METRIC_MODES
+from oloraplus.experiments.grid import TRAIN_FLAGS
+from oloraplus.experiments.tune import DEFAULT_N_VAL, TUNE_TRAIN_FLAGS
+from oloraplus.method.registry import METHODS
+from oloraplus.training.config import EVALUATE_FIELDS, Ratio, TrainConfig, config_yaml, read_settings
 from oloraplus.training.distributed import shutdown
 
-
-def _add_run_flags(p: argparse.ArgumentParser, train: bool) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="registry name, hub id, checkpoint folder or .gguf file")
-    p.add_argument("--data", default=DEFAULT_DATA,
-                   help="Alpaca .json/.jsonl file or hub dataset id (e.g. tatsu-lab/alpaca)")
-    p.add_argument("--output", required=True, help="run folder to write")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--data-seed", type=int, default=42)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--metrics-mode", choices=["generation", "teacher-forced"], default="generation",
-                   help="BLEU/ROUGE from greedy generation, or from argmax next-token predictions on the reference")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast where the hardware has native bf16, else fp32")
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--generation-batch-size", type=int, default=64)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if train:
-        p.add_argument("--method", required=True, choices=["lora", "olora", "lora-plus", "olora-plus"])
-        p.add_argument("--ratio", type=float, default=None, help="lambda = lr_B / lr_A (the -plus methods)")
-        p.add_argument("--rank", type=int, default=32)
-        p.add_argument("--alpha", type=float, default=16)
-        p.add_argument("--dropout", type=float, default=0.0)
-        p.add_argument("--lr", type=float, default=3e-4)
-        p.add_argument("--weight-decay", type=float, default=0.0)
-        p.add_argument("--epochs", type=float, default=1)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--max-steps", type=int, default=None)
-        p.add_argument("--attention", choices=list(ATTENTIONS), default="auto",
-                       help=f"training attention kernel; auto: grouped (our eager kernel) for batches up to "
-                            f"{CPU_EAGER_MAX_LENGTH} tokens on CPU, else SDPA; eager: transformers' own")
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile each decoder layer for training: about 50 s (8 s with inductor's "
-                            "disk cache warm) before the first step, then faster steps (1.10-1.13x on CPU); for long runs")
-        p.add_argument("--target-modules", nargs="+", default=None,
-                       help="module names to adapt (default: every attention and MLP Linear)")
-        p.add_argument("--no-group-by-length", action="store_true", help="random batches (slower)")
-        p.add_argument("--track-dynamics", type=int, default=None, metavar="K",
-                       help="every K steps append adapter drift metrics to OUTPUT/dynamics.jsonl")
-        p.add_argument("--save-steps", type=int, default=None, metavar="N",
-                       help="checkpoint every N steps into OUTPUT/checkpoints (needed for --resume)")
-        p.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run from the latest checkpoint in --output (same flags)")
-    else:
-        p.add_argument("--adapter", required=True, help="adapter folder written by 'oloraplus train'")
+# The commands whose flags derive from TrainConfig, and so take --config.
+_CONFIG_COMMANDS = ("train", "evaluate", "reproduce", "sweep", "tune")
 
 
-# Train flags a grid command passes to all its runs; absent flags keep the preset's (or train's) value.
-_GRID_TRAIN_FLAGS: tuple[tuple[str, dict], ...] = (
-    ("--data", {"help": "Alpaca .json/.jsonl file or hub dataset id"}),
-    ("--n-train", {"type": int}), ("--n-eval", {"type": int}), ("--data-seed", {"type": int}),
-    ("--max-length", {"type": int}), ("--max-new-tokens", {"type": int}),
-    ("--metrics-mode", {"choices": ["generation", "teacher-forced"]}),
-    ("--precision", {"choices": ["auto", "bf16", "fp32"]}),
-    ("--attention", {"choices": list(ATTENTIONS)}),
-    ("--eval-batch-size", {"type": int}), ("--generation-batch-size", {"type": int}),
-    ("--rank", {"type": int}), ("--alpha", {"type": float}), ("--dropout", {"type": float}),
-    ("--lr", {"type": float, "help": "lr_A; lr_B = ratio * lr_A"}), ("--weight-decay", {"type": float}),
-    ("--epochs", {"type": float}), ("--batch-size", {"type": int}), ("--max-steps", {"type": int}),
-    ("--target-modules", {"nargs": "+"}),
-)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows a flag's default where it has one and says what a ``--no-X`` switch does."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 and action.const is False and action.dest != "help":  # --no-X of a boolean
+            return f"same as --{action.dest.replace('_', '-')} false"
+        if action.required or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(HfArgumentParser):
+    """An ArgumentParser whose errors are one ``error: ...`` line like every other user error.
+
+    argparse prints the usage and exits on its own; raising :class:`UserError` instead lets
+    ``main`` report it the same way as a bad file or value (``--help`` is unaffected).
+
+    ``dataclass_types`` adds one flag per dataclass field, as ``HfArgumentParser`` does. With
+    ``given_only`` those flags have no default: the parsed namespace holds only the flags given
+    (or set by :meth:`use_settings`), so a grid preset keeps its values for the rest.
+    """
+
+    def __init__(self, dataclass_types=None, given_only: bool = False, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
+        names = {f.name for dtype in self.dataclass_types for f in fields(dtype)}
+        for action in self._actions:
+            if action.dest not in names:
+                continue
+            # Help, usage and errors name --n-train; the --n_train spelling is still accepted.
+            action.option_strings = [s for s in action.option_strings if "_" not in s] or action.option_strings
+            if action.nargs == "?" and action.const is True:  # a boolean: --compile, or --compile false
+                action.metavar = "BOOL"
+            if given_only:
+                action.default = argparse.SUPPRESS
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+    def use_settings(self, settings: dict) -> None:
+        """Settings from a ``--config`` file as the defaults of their flags: flags on the command line
+        still win, and a required flag the file sets is no longer required."""
+        self.set_defaults(**settings)
+        for action in self._actions:
+            if action.dest in settings:
+                action.required = False
+
+
+def settings_dataclass(names: Collection[str], group: str | None = None) -> type:
+    """A dataclass of the :class:`TrainConfig` fields ``names``: same types, defaults and help.
+
+    The flags of a command that takes a subset of the settings are derived from it, so they are
+    spelled, typed and documented exactly as in ``oloraplus train``.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    specs = [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory,
+                                           metadata=f.metadata))
+             for f in fields(TrainConfig) if f.name in names]
+    return make_dataclass("Settings", specs, namespace={"_argument_group_name": group} if group else None)
+
+
+def _add_config_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"YAML (.yaml/.yml) or JSON (.json) file of {what} (keys: the flag names with "
+                        "'_', e.g. n_train); flags on the command line override it")
+
+
+def _add_run_commands(sub) -> None:
+    """``train`` and ``evaluate``: flags derived from TrainConfig."""
+    train = sub.add_parser("train", dataclass_types=TrainConfig, help="fine-tune with OLoRA+ and evaluate")
+    _add_config_flag(train, "settings")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as YAML (a --config file) and exit without training")
+    evaluate = sub.add_parser("evaluate", dataclass_types=settings_dataclass(EVALUATE_FIELDS),
+                              help="re-evaluate a saved adapter")
+    evaluate.add_argument("--adapter", required=True, help="adapter folder written by 'oloraplus train'")
+    _add_config_flag(evaluate, "settings (a train config works: its training settings are skipped)")
 
 
 def _add_grid_commands(sub) -> None:
     """``reproduce``, ``sweep`` and ``report``: the experiment grid and its report."""
-    reproduce = sub.add_parser("reproduce", help="run the paper's comparison grid (resumable) and write the report")
+    flags = settings_dataclass(TRAIN_FLAGS, "train flags (as in 'oloraplus train', for every run; absent ones "
+                                            "keep the preset's value, else train's default)")
+    reproduce = sub.add_parser("reproduce", dataclass_types=flags, given_only=True,
+                               help="run the paper's comparison grid (resumable) and write the report")
     reproduce.add_argument("--preset", choices=["quick", "local", "paper"], required=True,
                            help="quick: smollm2-135m, 200/100 records; local: smollm2-135m + gemma3-270m, "
                                 "1000/500; paper: tinyllama-1.1b, opt-1.3b, gemma-2b, 1000/500")
     reproduce.add_argument("--models", nargs="+", default=None, help="replace the preset's models")
     reproduce.add_argument("--output", default=None, help="grid folder (default runs/<preset>)")
-    sweep = sub.add_parser("sweep", help="run any models x methods x ratios x seeds grid (resumable)")
+    sweep = sub.add_parser("sweep", dataclass_types=flags, given_only=True,
+                           help="run any models x methods x ratios x seeds grid (resumable)")
     sweep.add_argument("--models", nargs="+", required=True)
-    sweep.add_argument("--methods", nargs="+", default=["olora", "olora-plus"],
-                       choices=["lora", "olora", "lora-plus", "olora-plus"],
+    sweep.add_argument("--methods", nargs="+", default=["olora", "olora-plus"], choices=METHODS.keys(),
                        help="-plus methods get one run per ratio; ratio 1 means the single-rate method")
     sweep.add_argument("--output", required=True, help="grid folder")
     for p in (reproduce, sweep):
@@ -101,21 +136,12 @@ def _add_grid_commands(sub) -> None:
         p.add_argument("--seeds", type=int, default=3 if p is sweep else None, help="seeds 0..N-1 (default 3; the quick preset 2)")
         p.add_argument("--reuse", nargs="+", default=(), metavar="DIR",
                        help="other grid folders: a finished run with the same settings there is copied, not rerun")
-        group = p.add_argument_group("train flags (same meaning as in 'oloraplus train')")
-        for flag, kwargs in _GRID_TRAIN_FLAGS:
-            group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
-        group.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                           default=argparse.SUPPRESS, help="random batches (slower)")
-        group.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
-                           help="torch.compile each decoder layer in every run (see 'oloraplus train --help')")
-        group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                           help="no progress bars")
-        group.add_argument("--track-dynamics", type=int, default=argparse.SUPPRESS, metavar="K",
-                           help="record adapter drift every K steps (dynamics.jsonl) in the runs of --track-seeds")
-        group.add_argument("--track-seeds", type=int, nargs="+", default=[0], help="seeds whose runs track dynamics")
+        p.add_argument("--track-seeds", type=int, nargs="+", default=[0],
+                       help="seeds whose runs track dynamics (with --track-dynamics)")
+        _add_config_flag(p, "train flags for every run")
     rescore = sub.add_parser("rescore", help="score a grid's saved adapters again in another metrics mode (no training)")
     rescore.add_argument("dir", metavar="DIR", help="grid folder with runs.jsonl and run folders with adapters")
-    rescore.add_argument("--metrics-mode", choices=["generation", "teacher-forced"], required=True)
+    rescore.add_argument("--metrics-mode", choices=METRIC_MODES, required=True)
     rescore.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
     rescore.add_argument("--output", required=True, help="grid folder to write (runs.jsonl, run folders, report)")
     report = sub.add_parser("report", help="tables and figures from a grid folder's runs.jsonl")
@@ -125,15 +151,43 @@ def _add_grid_commands(sub) -> None:
                         help="analysis.json files for the regime section (default DIR/analysis/analysis.json and DIR/analysis/*/analysis.json)")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one ``error: ...`` line like every other user error.
-
-    argparse prints the usage and exits on its own; raising :class:`UserError` instead lets
-    ``main`` report it the same way as a bad file or value (``--help`` is unaffected).
-    """
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see '{self.prog} --help')")
+def _add_tune_command(sub) -> None:
+    """``tune``: Optuna search on the validation loss (experiments/tune.py); train flags as in ``sweep``."""
+    flags = settings_dataclass(TUNE_TRAIN_FLAGS, "train flags (as in 'oloraplus train', for every trial; "
+                                                 f"--n-val defaults to {DEFAULT_N_VAL} here)")
+    tune = sub.add_parser("tune", dataclass_types=flags, given_only=True,
+                          help="search lr (and lambda, dropout) per method with Optuna on the validation loss "
+                               "(resumable, several workers or machines on one study)")
+    tune.add_argument("--model", required=True, help="registry name, hub id, checkpoint folder or .gguf file")
+    tune.add_argument("--methods", nargs="+", default=["olora", "olora-plus"], choices=METHODS.keys(),
+                      help="one study per method, each with --trials trials")
+    tune.add_argument("--trials", type=int, required=True,
+                      help="finished (complete or pruned) trials per method; a resumed study runs the missing ones")
+    tune.add_argument("--output", required=True, help="folder for best.json, trials.csv, figures and trial runs")
+    tune.add_argument("--storage", default=None,
+                      help="where the study lives: sqlite:///FILE, postgresql://USER@HOST/DB or mysql://... "
+                           "(shared by machines), or journal:FILE (default sqlite:///OUTPUT/optuna.db)")
+    tune.add_argument("--study-name", default="oloraplus",
+                      help="studies are named STUDY_NAME.MODEL.METHOD in the storage")
+    tune.add_argument("--workers", type=int, default=1,
+                      help="trials run side by side here, the CPU cores divided between them")
+    tune.add_argument("--lr-range", nargs=2, type=float, default=[1e-5, 1e-2], metavar=("LOW", "HIGH"),
+                      help="learning rate lr_A, searched on a log scale")
+    tune.add_argument("--ratio-range", nargs=2, type=Ratio, default=[1 / 16, 16.0], metavar=("LOW", "HIGH"),
+                      help="lambda = lr_B / lr_A of the -plus methods, log scale (fractions such as 1/16 work)")
+    tune.add_argument("--tune-dropout", action="store_true", help="search the dropout too (--dropout-range)")
+    tune.add_argument("--dropout-range", nargs=2, type=float, default=[0.0, 0.2], metavar=("LOW", "HIGH"),
+                      help="dropout range with --tune-dropout")
+    tune.add_argument("--no-prune", action="store_true",
+                      help="never prune (default: a trial whose --eval-steps validation losses are worse than "
+                           "the median of earlier trials at that step is stopped)")
+    tune.add_argument("--heartbeat", type=float, default=60.0, metavar="SECONDS",
+                      help="a running trial's heartbeat interval in a database storage; a trial silent for twice "
+                           "this long (a killed worker) is marked failed and run again")
+    tune.add_argument("--fail-running", action="store_true",
+                      help="first mark the studies' running trials failed (after a killed worker, with journal "
+                           "storage, which has no heartbeat; only when no worker is running)")
+    _add_config_flag(tune, "train flags for every trial")
 
 
 def _add_export_command(sub) -> None:
@@ -147,11 +201,12 @@ def _add_export_command(sub) -> None:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+    """The ``oloraplus`` parser; ``settings`` maps a command to the ``--config`` file settings
+    that become the defaults of its flags."""
     parser = _Parser(prog="oloraplus", description="OLoRA+ fine-tuning and the OLoRA+ reproduction")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_flags(sub.add_parser("train", help="fine-tune with OLoRA+ and evaluate"), train=True)
-    _add_run_flags(sub.add_parser("evaluate", help="re-evaluate a saved adapter"), train=False)
+    _add_run_commands(sub)
     models = sub.add_parser("models", help="list or pull models").add_subparsers(dest="models_command", required=True)
     models.add_parser("list", help="the model registry")
     pull = models.add_parser("pull", help="download/convert a model now")
@@ -161,43 +216,58 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--output", required=True, help="folder for analysis.json and plots")
     _add_grid_commands(sub)
     _add_export_command(sub)
+    _add_tune_command(sub)
     bench = sub.add_parser("bench", help="speed of our stack vs the paper's (plain Trainer + PEFT), side by side")
-    bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records (under 10 minutes)")
+    bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records")
     bench.add_argument("--model", nargs="+", default=None, help="models (default: smollm2-135m, plus gemma3-270m unless --quick)")
     bench.add_argument("--data", default=DEFAULT_DATA)
     bench.add_argument("--output", required=True, help="JSON file to write")
+    for command, values in (settings or {}).items():
+        sub.choices[command].use_settings(values)
     return parser
 
 
-def _config_from_args(args, train: bool):
-    from oloraplus.training.config import TrainConfig
+def _scan_config(argv: list[str]) -> tuple[str | None, str | None]:
+    """The command and the ``--config`` file of a command line, before it is parsed (the file's
+    settings must be in place as defaults when the flags are parsed)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if len(name) > 3 and "--config".startswith(name):  # argparse takes a prefix such as --conf too
+            path = value if equals else argv[i + 1] if i + 1 < len(argv) else None
+    return command, path
 
-    fields = {
-        "output": args.output, "model": args.model, "data": args.data, "n_train": args.n_train,
-        "n_eval": args.n_eval, "data_seed": args.data_seed, "max_length": args.max_length,
-        "max_new_tokens": args.max_new_tokens, "metrics_mode": args.metrics_mode, "precision": args.precision,
-        "eval_batch_size": args.eval_batch_size, "generation_batch_size": args.generation_batch_size,
-        "overwrite": args.overwrite, "progress": not args.no_progress,
-    }
-    if train:
-        fields.update(
-            method=args.method, ratio=args.ratio, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-            lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
-            seed=args.seed, max_steps=args.max_steps, target_modules=args.target_modules,
-            group_by_length=not args.no_group_by_length, track_dynamics=args.track_dynamics,
-            save_steps=args.save_steps, resume=args.resume, attention=args.attention,
-            compile=args.compile,
-        )
-    return TrainConfig(**fields)
+
+def _file_settings(command: str, path: str) -> dict:
+    """The settings a ``--config`` file gives ``command`` (checked against the fields it takes)."""
+    names = [f.name for f in fields(TrainConfig)]
+    if command == "train":
+        return read_settings(path, names)
+    if command == "evaluate":
+        return read_settings(path, EVALUATE_FIELDS, ignored=[n for n in names if n not in EVALUATE_FIELDS])
+    if command == "tune":
+        return read_settings(path, TUNE_TRAIN_FLAGS)
+    return read_settings(path, TRAIN_FLAGS)
+
+
+def _config_from_args(args, names) -> TrainConfig:
+    """The TrainConfig of a parsed ``train`` (all fields) or ``evaluate`` (``names``) command line."""
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def _print_metrics(results: dict, output: str) -> None:
     m = results["metrics"]
-    print(
-        f"eval_loss {m['eval_loss']:.4f}  perplexity {m['perplexity']:.2f}  BLEU {m['bleu']:.2f}  "
-        f"ROUGE-1 {m['rouge1']:.2f}  ROUGE-2 {m['rouge2']:.2f}  ROUGE-L {m['rougeL']:.2f}  "
-        f"({results['evaluation']['metrics_mode']})"
-    )
+    if "val_loss" in m:  # --n-val
+        print(f"val_loss {m['val_loss']:.4f}")
+    if "eval_loss" in m:  # absent with --no-evaluate
+        print(
+            f"eval_loss {m['eval_loss']:.4f}  perplexity {m['perplexity']:.2f}  BLEU {m['bleu']:.2f}  "
+            f"ROUGE-1 {m['rouge1']:.2f}  ROUGE-2 {m['rouge2']:.2f}  ROUGE-L {m['rougeL']:.2f}  "
+            f"({results['evaluation']['metrics_mode']})"
+        )
     print(f"wrote {os.path.join(output, 'results.json')}")
 
 
@@ -212,7 +282,7 @@ def _write_report(source: str, output: str, analyses: list[str] | None = None) -
 
 
 def _grid_command(args) -> int:
-    """Hand a parsed reproduce/sweep/rescore/report command to experiments.py / report.py."""
+    """Hand a parsed reproduce/sweep/rescore/report command to experiments/grid.py / experiments/report.py."""
     if args.command == "report":
         source = args.dir
         _write_report(source, args.output or (source if os.path.isdir(source) else os.path.dirname(source) or "."),
@@ -224,9 +294,9 @@ def _grid_command(args) -> int:
         outcome = rescore_grid(args.dir, args.output, args.metrics_mode, args.seeds)
         _write_report(args.output, args.output)
         return 0 if outcome.ok else 1
-    from oloraplus.experiments.grid import TRAIN_FLAGS, GridSpec, parse_ratio, preset_grid, run_and_report
+    from oloraplus.experiments.grid import GridSpec, parse_ratio, preset_grid, run_and_report
 
-    flags = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
+    flags = {k: getattr(args, k) for k in TRAIN_FLAGS if hasattr(args, k)}  # given, or from --config
     ratios = [parse_ratio(r) for r in args.ratios] if args.ratios else None
     if args.command == "reproduce":
         grid = preset_grid(args.preset, args.models, ratios, args.seeds, **flags)
@@ -239,26 +309,62 @@ def _grid_command(args) -> int:
     return 0 if run_and_report(grid.expand(), output, reuse=args.reuse).ok else 1
 
 
+def _tune_command(args) -> int:
+    from oloraplus.experiments.tune import TuneSpec, tune
+
+    spec = TuneSpec(
+        model=args.model, methods=list(args.methods), trials=args.trials, output=args.output, storage=args.storage,
+        study_name=args.study_name, workers=args.workers, lr_range=tuple(args.lr_range),
+        ratio_range=tuple(float(r) for r in args.ratio_range),
+        dropout_range=tuple(args.dropout_range) if args.tune_dropout else None, prune=not args.no_prune,
+        heartbeat=args.heartbeat, fail_running=args.fail_running,
+        flags={k: getattr(args, k) for k in TUNE_TRAIN_FLAGS if hasattr(args, k)},  # given, or from --config
+    )
+    best = tune(spec)
+    for method, entry in best["methods"].items():
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in entry["trials"].items() if n)
+        if "val_loss" in entry:
+            params = "  ".join(f"{k} {v:.4g}" for k, v in entry["params"].items())
+            print(f"{method}: best val_loss {entry['val_loss']:.4f}  {params}  (trial {entry['trial']}; {counts})")
+        else:
+            print(f"{method}: no complete trial ({counts or 'none run'})")
+    for name in ("best.json", "trials.csv", "figure_val_loss_vs_lr.png"):
+        print(f"wrote {os.path.join(args.output, name)}")
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "no_progress", False):  # also transformers' "Loading weights" bars on stderr
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, config_file = _scan_config(argv)
+    settings = {command: _file_settings(command, config_file)} if config_file and command in _CONFIG_COMMANDS else {}
+    args = build_parser(settings).parse_args(argv)
+    if getattr(args, "config", None) != config_file:  # an abbreviation such as --conf
+        raise UserError("write --config in full")
+    if getattr(args, "progress", True) is False:  # also transformers' "Loading weights" bars on stderr
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if args.command == "tune":
+        return _tune_command(args)
     if args.command in ("reproduce", "sweep", "rescore", "report"):
         return _grid_command(args)
     if args.command == "train":
         from oloraplus.training.recipe import train
 
-        config = _config_from_args(args, train=True)
+        config = _config_from_args(args, [f.name for f in fields(TrainConfig)])
         config.validate()  # before any model is loaded
+        if args.print_config:
+            print(config_yaml(config), end="")
+            return 0
         results = train(config)
         if results:  # empty on the non-main processes of a torchrun launch
             _print_metrics(results, args.output)
     elif args.command == "evaluate":
         from oloraplus.training.recipe import evaluate_adapter
 
-        _print_metrics(evaluate_adapter(_config_from_args(args, train=False), args.adapter), args.output)
+        config = _config_from_args(args, EVALUATE_FIELDS)
+        config.validate(EVALUATE_FIELDS)
+        _print_metrics(evaluate_adapter(config, args.adapter), args.output)
     elif args.command == "models":
         from oloraplus.models.loading import list_models, pull_model
 

@@ -21,3 +21,10 @@ def check_positive(name: str, value, integer: bool = False) -> None:
         ok = False
     if not ok:
         raise UserError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr: something the user should know, that does not stop the run."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -26,6 +26,9 @@ Reference under each initialisation:
   None offline because PEFT's random A_0 is not saved (the callback, which sees A_0, reports it).
   The update is delta = s B_T A_T exactly, since B_0 A_0 = 0.
 
+Other inits (PiSSA) are refused with a :class:`UserError`: their start is not one of these
+references, and measuring them against one would report a drift that is not there.
+
 All small linear algebra runs in float64 on the CPU; only the SVD of each full weight (for U_r)
 runs where the weight lives, in float32.
 """
@@ -42,7 +45,7 @@ import torch
 
 from oloraplus.errors import UserError, check_positive
 from oloraplus.files import write_json_atomic
-from oloraplus.method.adapters import load_adapter_weights, olora_factors
+from oloraplus.method.adapters import init_for_peft_value, load_adapter_weights, olora_factors
 
 ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj"}
 
@@ -424,7 +427,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
     config, method = results.get("config") or {}, results.get("method") or {}
     if "model" not in config:
         raise UserError(f"{results_file} has no config.model; is it from 'oloraplus train'?")
-    init = method.get("init") or ("olora" if adapter_config.get("init_lora_weights") == "olora" else "lora")
+    init = method.get("init") or init_for_peft_value(adapter_config.get("init_lora_weights", True))
+    if init not in REFERENCES:  # PiSSA's start is W's top-r SVD: a reference analyze does not build
+        raise UserError(f"{run} was trained with init {init!r}; analyze supports {' and '.join(REFERENCES)} adapters")
     return RunInfo(
         run=str(run),
         model=config["model"],

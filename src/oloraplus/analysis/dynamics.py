@@ -20,12 +20,17 @@ from oloraplus.analysis.drift import (
 )
 from oloraplus.errors import UserError, check_positive
 from oloraplus.files import append_jsonl_atomic
-from oloraplus.method.adapters import olora_factors
+from oloraplus.method.adapters import init_for_peft_value, olora_factors
 
 
 def peft_init(model: torch.nn.Module) -> str:
+    """"olora" when every adapter has the OLoRA start, else "lora"; a start with no reference
+    (PiSSA) is a :class:`UserError` rather than a drift measured from the wrong start."""
     configs = getattr(model, "peft_config", None) or {}
-    inits = {getattr(c, "init_lora_weights", True) for c in configs.values()}
+    inits = {init_for_peft_value(getattr(c, "init_lora_weights", True)) for c in configs.values()}
+    if not inits <= set(REFERENCES):
+        unknown = ", ".join(sorted(str(i) for i in inits - set(REFERENCES)))
+        raise UserError(f"--track-dynamics supports olora and lora adapters, not {unknown}")
     return "olora" if inits == {"olora"} else "lora"
 
 

@@ -15,10 +15,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     """Batches of records of similar length, in random order, with little padding.
 
     Records are shuffled into mega-batches of ``mega_batches`` batches, each mega-batch is
-    sorted by length and cut into batches, and the order of all batches is shuffled. On
-    Alpaca (1000 records, SmolLM2 tokens) 97% of the padded tokens are real with mega-batches of
-    64 batches, against 54% for random batches and 76-95% for the Trainer's own
-    ``group_by_length`` (its mega-batches shrink with small data sets). Deterministic for a
+    sorted by length and cut into batches, and the order of all batches is shuffled. Less padding
+    than random batches or the Trainer's own ``group_by_length``, whose mega-batches shrink with
+    small data sets (the measured shares of real tokens: bench/NOTES.md). Deterministic for a
     given ``seed`` and epoch, so a resumed run sees the same order.
     """
 

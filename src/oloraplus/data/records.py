@@ -61,8 +61,38 @@ def validate_records(records, where: str) -> list[dict]:
                 raise UserError(f"{where}: record {i} has no '{key}' field (or it is null)")
             if not isinstance(value, str):
                 raise UserError(f"{where}: record {i} field '{key}' is a {type(value).__name__}, not a string")
+            _check_unicode(value, where, i, key)
         clean.append({key: rec.get(key) or "" for key in FIELDS})
     return clean
+
+
+def _check_unicode(value: str, where: str, index: int, key: str) -> None:
+    """JSON allows an escaped lone surrogate ("\\ud800"); the tokenizer and every file it is written to do not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{where}: record {index} field '{key}' holds an unpaired surrogate {value[exc.start]!r} "
+            f"at character {exc.start}; not valid Unicode text"
+        ) from None
+
+
+def _parse_json(text: str, path: Path, line: int | None = None):
+    where = f"{path}: line {line}" if line is not None else str(path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to be Alpaca records") from None
+    except json.JSONDecodeError as exc:
+        if line is not None:
+            raise UserError(f"{where} is not valid JSON ({exc.msg})") from exc
+        raise UserError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); truncated file?") from exc
+
+
+def data_sha256(data: str) -> str | None:
+    """sha256 of the local data file ``data`` names, None for a hub data set (it has no file)."""
+    path = local_data_file(data)
+    return sha256_file(path) if path is not None else None
 
 
 def _read_local(path: Path) -> list:
@@ -78,17 +108,9 @@ def _read_local(path: Path) -> list:
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
+                rows.append(_parse_json(line, path, n))
         return rows
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); truncated file?"
-        ) from exc
+    return _parse_json(text, path)
 
 
 def local_data_file(data: str) -> Path | None:

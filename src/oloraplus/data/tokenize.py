@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from oloraplus.data.records import format_prompt
-from oloraplus.errors import check_positive
+from oloraplus.errors import UserError, check_positive, warn
 
 
 @dataclass
@@ -54,3 +54,19 @@ def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[l
         response_tokens=sum(sum(label != -100 for label in e.labels) for e in kept),
     )
     return kept, stats
+
+
+def check_kept(examples: list[Example], stats: TokenStats, what: str, data: str, max_length: int) -> None:
+    """Refuse a set whose every record was dropped for length; warn when some were.
+
+    Called right after tokenising, before the adapters are built, so a ``--max-length`` that
+    leaves nothing to train on (or to evaluate) fails at once instead of after training.
+    """
+    if not examples:
+        raise UserError(
+            f"every {what} record of {data} is longer than --max-length {max_length} (the prompt leaves no "
+            "room for the response); raise --max-length"
+        )
+    if stats.dropped:
+        warn(f"{stats.dropped} of {stats.records} {what} records of {data} dropped: the prompt fills "
+             f"--max-length {max_length} (counted in results.json)")

@@ -1,9 +1,10 @@
 """Evaluation: eval loss on response tokens, generated and teacher-forced predictions.
 
 Three things make this fast without changing what is measured:
-- the LM head runs only where a response token is predicted (``logits_to_keep`` with a
-  boolean mask): prompt and pad positions never reach the vocabulary projection, which is the
-  largest single cost for Gemma's 262k-token vocabulary;
+- with ``fast=True`` (the speed patches of ``oloraplus.fast``) the LM head runs only where a
+  response token is predicted (``logits_to_keep`` with a boolean mask): prompt and pad positions
+  never reach the vocabulary projection, which is the largest single cost for Gemma's
+  262k-token vocabulary; ``fast=False`` computes every position's logits and selects those rows;
 - batches are sorted by length, so there is little padding;
 - generation is batched, left-padded, greedy, with the KV cache, and stops when every
   sequence in the batch has produced EOS.
@@ -25,14 +26,18 @@ from oloraplus.method.loss import response_loss
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, progress: bool = True) -> dict:
-    """Mean cross-entropy over all response tokens of ``examples`` (token-weighted)."""
+def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, progress: bool = True,
+              fast: bool = True) -> dict:
+    """Mean cross-entropy over all response tokens of ``examples`` (token-weighted).
+
+    ``fast`` chooses the path of ``method.loss.response_loss`` (the same loss either way).
+    """
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for idx in tqdm(length_sorted_batches(examples, batch_size), desc="eval loss", disable=not progress):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        total += response_loss(model, **batch, reduction="sum").item()
+        total += response_loss(model, **batch, reduction="sum", fast=fast).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     return {"eval_loss": total / count, "eval_tokens": count}
 
@@ -50,14 +55,15 @@ def evaluate_model(
     batch_size: int = 8,
     generation_batch_size: int = 16,
     progress: bool = True,
+    fast: bool = True,
 ) -> tuple[dict, list[dict], dict]:
-    """Eval loss plus BLEU/ROUGE in the chosen mode.
+    """Eval loss plus BLEU/ROUGE in the chosen mode (``fast``: see :func:`eval_loss`).
 
     Returns ``(metrics, predictions, timings)``; ``predictions`` holds one dict per example
     with the prompt, the reference and the prediction.
     """
     t0 = time.perf_counter()
-    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, progress)
+    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, progress, fast=fast)
     t1 = time.perf_counter()
     if metrics_mode == "generation":
         prompts = [e.input_ids[: e.prompt_len] for e in examples]
@@ -65,7 +71,7 @@ def evaluate_model(
             model, tokenizer, prompts, max_new_tokens, generation_batch_size, progress
         )
     elif metrics_mode == "teacher-forced":
-        texts, new_tokens = teacher_forced_responses(model, tokenizer, examples, batch_size, progress), 0
+        texts, new_tokens = teacher_forced_responses(model, tokenizer, examples, batch_size, progress, fast), 0
     else:
         raise ValueError(f"unknown metrics mode {metrics_mode!r}")
     t2 = time.perf_counter()

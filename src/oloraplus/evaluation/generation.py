@@ -52,7 +52,7 @@ def greedy_decode(
     """Greedy decoding of a left-padded batch that drops each row (and its KV cache) once it ends.
 
     ``model.generate`` keeps finished rows in the batch until the longest one ends; with
-    Alpaca's spread of response lengths that is 40% of the decoding work spent on padding.
+    Alpaca's spread of response lengths much of the decoding work goes to padding (bench/NOTES.md).
     Returns the new tokens per row, up to and including the first EOS.
     """
     from transformers import DynamicCache
@@ -107,15 +107,18 @@ def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def teacher_forced_responses(
-    model, tokenizer, examples: list[Example], batch_size: int = 8, progress: bool = True
+    model, tokenizer, examples: list[Example], batch_size: int = 8, progress: bool = True, fast: bool = True
 ) -> list[str]:
-    """Argmax next-token predictions at the reference response's positions, decoded."""
+    """Argmax next-token predictions at the reference response's positions, decoded.
+
+    ``fast=False``: the logits of every position are computed (``method.loss.response_logits``).
+    """
     model.eval()
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(examples)
     for idx in tqdm(length_sorted_batches(examples, batch_size), desc="teacher-forced", disable=not progress):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
-        logits, _ = response_logits(model, **batch)
+        logits, _ = response_logits(model, **batch, fast=fast)
         predicted = logits.argmax(-1).cpu()
         counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
         start = 0

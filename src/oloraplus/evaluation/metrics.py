@@ -8,9 +8,6 @@ without bootstrap resampling.
 
 from __future__ import annotations
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
@@ -20,6 +17,9 @@ def compute_text_metrics(predictions: list[str], references: list[str]) -> dict:
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
+    import sacrebleu  # loaded on first use: `import oloraplus` stays free of the metric libraries
+    from rouge_score import rouge_scorer
+
     bleu = sacrebleu.metrics.BLEU()
     score = bleu.corpus_score(list(predictions), [list(references)])
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)

@@ -4,10 +4,10 @@ A grid is models x arms x seeds, where an *arm* is a method at one ratio lambda 
 The baseline arm is plain OLoRA (``method="olora"``, ratio 1); every other ratio is an
 ``olora-plus`` arm. All seeds of a grid share one data split (``data_seed`` is a train flag, not
 a grid axis), so the OLoRA+ and OLoRA runs of one seed differ only in the ratio and can be
-compared pairwise (see :mod:`oloraplus.report`).
+compared pairwise (see :mod:`oloraplus.experiments.report`).
 
 Each run writes its own folder ``<output>/runs/<model>/<method>-r<ratio>-s<seed>``; a run is
-complete iff its ``results.json`` exists, because :func:`oloraplus.train.train` writes that file
+complete iff its ``results.json`` exists, because :func:`oloraplus.training.recipe.train` writes that file
 last and atomically. So an interrupted grid is resumed by running the same command again:
 complete runs are skipped, a folder without ``results.json`` is redone from scratch. After each
 complete run one line is appended (atomically) to ``<output>/runs.jsonl``, the only input the
@@ -16,6 +16,7 @@ report needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -29,8 +30,9 @@ from typing import Any, Callable, Sequence
 from oloraplus.data.records import local_data_file
 from oloraplus.errors import UserError
 from oloraplus.experiments.report import read_runs
-from oloraplus.files import append_jsonl_atomic, write_text_atomic
+from oloraplus.files import append_jsonl_atomic, sha256_file, write_text_atomic
 from oloraplus.method.registry import METHODS, get_method
+from oloraplus.models.loading import resolve_model
 from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
 from oloraplus.training.recipe import train
 
@@ -42,8 +44,10 @@ DEFAULT_RATIOS = (1 / 16, 16.0)  # the paper writes lambda << 1 and >> 1 and giv
 
 DEFAULT_SEEDS = 3
 
-# TrainConfig fields a grid sets itself; everything else is a "train flag".
-_GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite"}
+# TrainConfig fields a grid sets itself; everything else is a "train flag" (a flag of `reproduce` and
+# `sweep`, derived from the field like the flags of `train`, and a key of their --config file).
+# "evaluate": a grid's report compares eval-set metrics, so its runs always evaluate.
+_GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite", "evaluate"}
 
 TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
 
@@ -69,13 +73,28 @@ def format_ratio(ratio: float) -> str:
     return str(int(ratio)) if ratio.is_integer() else repr(ratio)
 
 
+# A registry name or hub id part: letters, digits, '.', '_', '-', no "--", no '.'/'-' at either end
+# (the rules of hub ids). Such names map to folders as they always did, without a hash.
+_PLAIN_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
+
+
 def safe_name(name: str) -> str:
-    """A model name, hub id or path as one folder name: "org/name" -> "org--name"."""
-    name = name.strip().strip("/")
-    while name.startswith("./"):
-        name = name[2:]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "--"))
-    return name.lstrip(".") or "model"
+    """A model name, hub id or path as one folder name, different for different names.
+
+    A registry name stays as it is and a hub id "org/name" becomes "org--name" (neither can hold
+    "--", so these never meet). Any other name (a path, spaces, "--") is made safe the same way
+    and gets "---" and 8 hex digits of the name's sha256, so two names that read alike after
+    the cleaning ("a b" and "a_b", "org/name" and a folder named "org--name") never share a folder.
+    """
+    parts = name.split("/")
+    if len(parts) <= 2 and all(_PLAIN_PART.fullmatch(p) and "--" not in p for p in parts):
+        return "--".join(parts)
+    clean = name.strip().strip("/")
+    while clean.startswith("./"):
+        clean = clean[2:]
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", clean.replace("/", "--")).lstrip(".") or "model"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean[:80]}---{digest}"
 
 
 def base_method(method: str) -> str:
@@ -270,11 +289,20 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FLAGS}
 
 
-def _check_existing(spec: RunSpec, results: dict) -> None:
-    """Refuse to count a finished run made with other settings as part of this grid."""
+def _check_existing(spec: RunSpec, results: dict, data_hashes: dict[str, str | None] | None = None) -> None:
+    """Refuse to count a finished run made with other settings (or another version of the data
+    file: ``data_hashes`` maps each data argument to its file's sha256) as part of this grid."""
     stored = results.get("config")
     if not isinstance(stored, dict):
         return
+    data = stored.get("data")
+    now_hash = (data_hashes or {}).get(data)
+    then_hash = (results.get("data") or {}).get("sha256") if isinstance(results.get("data"), dict) else None
+    if now_hash and then_hash and now_hash != then_hash:
+        raise UserError(
+            f"run {spec.key} already finished on another version of {data} (sha256 {then_hash[:12]}... there, "
+            f"{now_hash[:12]}... now); use another --output, or delete that run folder to redo it"
+        )
     wanted = _comparable(asdict(spec.config("")))
     stored = _comparable(stored)
     differ = sorted(k for k in wanted if k in stored and stored[k] != wanted[k])
@@ -316,7 +344,8 @@ def _record(runs_file: Path, row: dict, known: set[str]) -> None:
     write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def _reuse_finished(spec: RunSpec, reuse: Sequence[Path], target: Path) -> dict | None:
+def _reuse_finished(spec: RunSpec, reuse: Sequence[Path], target: Path,
+                    data_hashes: dict[str, str | None] | None = None) -> dict | None:
     """Copy a finished run with the same key and settings from another grid folder, if any.
 
     So a sweep can share the runs it has in common with ``reproduce`` instead of training them
@@ -328,9 +357,9 @@ def _reuse_finished(spec: RunSpec, reuse: Sequence[Path], target: Path) -> dict 
         if results is None:
             continue
         try:
-            _check_existing(spec, results)
+            _check_existing(spec, results, data_hashes)
         except UserError:
-            continue  # same key, other settings: not the same run
+            continue  # same key, other settings or data: not the same run
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
@@ -359,14 +388,24 @@ def run_grid(
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise UserError("the grid lists a run twice")
+    folders: dict[str, str] = {}
+    for spec in specs:  # case-insensitive file systems fold "Org/M" and "org/m" into one folder
+        other = folders.setdefault(spec.folder.casefold(), spec.model)
+        if other != spec.model:
+            raise UserError(f"models '{other}' and '{spec.model}' would share the run folder "
+                            f"runs/{safe_name(spec.model)}; name each model one way only")
     for spec in specs:  # every config checked before the first (long) run starts
         spec.config(out).validate()
+    data_hashes: dict[str, str | None] = {}
     for data in dict.fromkeys(spec.config(out).data for spec in specs):
-        local_data_file(data)  # a missing data file fails the grid once, not every run
+        path = local_data_file(data)  # a missing data file fails the grid once, not every run
+        data_hashes[data] = sha256_file(path) if path is not None else None
+    for model in dict.fromkeys(spec.model for spec in specs):
+        resolve_model(model)  # an unknown model name fails the grid once, before the first run
     existing = {s.key: _load_results(out / "runs" / s.folder / "results.json") for s in specs}
     for spec in specs:
         if existing[spec.key] is not None:
-            _check_existing(spec, existing[spec.key])
+            _check_existing(spec, existing[spec.key], data_hashes)
 
     out.mkdir(parents=True, exist_ok=True)
     runs_file, failures_file = out / RUNS_FILE, out / FAILURES_FILE
@@ -383,7 +422,7 @@ def run_grid(
             log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
             outcome.skipped.append(spec.key)
             continue
-        copied = _reuse_finished(spec, [Path(r) for r in reuse], out / rel)
+        copied = _reuse_finished(spec, [Path(r) for r in reuse], out / rel, data_hashes)
         if copied is not None:
             _record(runs_file, run_row(spec, copied, rel), known)
             log(f"{prefix} ... copied from a finished run (eval_loss {copied['metrics']['eval_loss']:.4f})")

@@ -95,10 +95,36 @@ def read_runs(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
+        except RecursionError:
+            raise UserError(f"{path}: line {n} is nested too deeply to be a run; fix or delete that line") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg}); fix or delete that line") from exc
+        problem = _run_row_problem(row)
+        if problem:
+            raise UserError(f"{path}: line {n} {problem}; fix or delete that line")
+        rows.append(row)
     return rows
+
+
+# What every runs.jsonl line holds (see experiments.grid.run_row); the report reads these.
+RUN_ROW_FIELDS = ("key", "model", "method", "ratio", "seed", "metrics")
+
+
+_RUN_ROW_TYPES = {"key": str, "model": str, "method": str, "ratio": (int, float), "seed": int, "metrics": dict}
+
+
+def _run_row_problem(row) -> str | None:
+    """Why a parsed runs.jsonl line is not a run row (None if it is one)."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not a run (an object written by 'oloraplus sweep')"
+    for name in RUN_ROW_FIELDS:
+        if name not in row:
+            return f"has no '{name}'; is this a runs.jsonl written by 'oloraplus sweep'?"
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, _RUN_ROW_TYPES[name]):
+            return f"is not a run: its '{name}' is a {type(value).__name__}"
+    return None
 
 
 @dataclass

@@ -16,7 +16,7 @@ class AddmmLoRA(LoraVariant):
     Here ``torch.addmm(result, lora_A(x), B^T, alpha=s)`` lets the matmul scale and accumulate
     into the base output, and autograd scales the r-wide intermediate instead of the output:
     the same function (summed in the matmul's accumulator, so rounded once instead of three
-    times) for 2-6% less training time on SmolLM2 (bench/NOTES.md). Merging is vanilla.
+    times) for less training time (measured: bench/NOTES.md). Merging is vanilla.
     Installed by :func:`use_addmm_lora` on layers with no other variant and no LoRA bias,
     through PEFT's variant hook (the one DoRA uses; PEFT calls it private, so the tests compare
     the result with PEFT's own forward, gradients and merge).

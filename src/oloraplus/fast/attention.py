@@ -3,8 +3,8 @@
 Three kernels can run a training batch: PyTorch's SDPA, transformers' own eager attention
 (two matmuls and a softmax), and :func:`grouped_eager_attention`, the same eager arithmetic
 arranged per key/value head. On CPU the grouped kernel trains faster than SDPA's flash kernel at
-every batch length up to 512 tokens that we measured (1.07-1.24x on SmolLM2 and Gemma 3 270M,
-bench/NOTES.md), so ``"auto"`` takes it up to :data:`CPU_EAGER_MAX_LENGTH` padded tokens on CPU
+every batch length up to 512 tokens that we measured (SmolLM2 and Gemma 3 270M; the ratios are
+in bench/NOTES.md), so ``"auto"`` takes it up to :data:`CPU_EAGER_MAX_LENGTH` padded tokens on CPU
 and SDPA elsewhere. Evaluation always runs the model's own kernel.
 """
 
@@ -20,8 +20,8 @@ from oloraplus.models.loading import base_model
 ATTENTIONS = ("auto", "grouped", "eager", "sdpa")
 
 # Above this padded length "auto" takes SDPA on CPU too: the eager forms keep one [batch, heads,
-# length, length] tensor per layer for the backward (1.1 GB over SmolLM2's 30 layers at 512 tokens,
-# 18 GB at 2048), SDPA's flash kernel none. Up to it the grouped kernel was faster (bench/NOTES.md).
+# length, length] tensor per layer for the backward (quadratic in the length, over every layer),
+# SDPA's flash kernel none. Up to it the grouped kernel was faster (bench/NOTES.md).
 CPU_EAGER_MAX_LENGTH = 512
 
 GROUPED = "oloraplus_grouped"  # our kernel's name in transformers' attention registry
@@ -60,9 +60,9 @@ def grouped_eager_attention(module, query, key, value, attention_mask, dropout=0
     (``add(mask, scores, alpha=scale)``), and the softmax runs in the scores' own dtype: PyTorch's
     CPU softmax accumulates bf16 in fp32 and rounds once, as transformers' fp32 softmax followed
     by a cast to bf16 does, without the two copies. In fp32 it computes the eager function to
-    within float rounding (``tests/test_attention.py``); on SmolLM2 training it is 1.03x faster
-    (bench/NOTES.md). Soft-capping and dropout are supported; the weights are returned as
-    ``[batch, heads, query, key]`` like the eager kernel's.
+    within float rounding (``tests/test_attention.py``), with fewer copies and passes, so it trains
+    faster than the eager kernel (measured: bench/NOTES.md). Soft-capping and dropout are
+    supported; the weights are returned as ``[batch, heads, query, key]`` like the eager kernel's.
     """
     b, h, t, d = query.shape
     hkv, s = key.shape[1], key.shape[2]

@@ -22,11 +22,10 @@ def compile_layers(model: torch.nn.Module, device: str) -> int:
 
     The layers share one code object, so inductor compiles one layer (forward and backward, with
     dynamic sequence lengths) and reuses it for all; whole-model compilation compiled every layer
-    separately and took minutes. Measured on SmolLM2 training (2 CPU cores, bench/NOTES.md): the
-    first step takes about 50 s longer with an empty inductor cache and 8 s with a warm one (the
-    compiled kernels are cached on disk, ``TORCHINDUCTOR_CACHE_DIR``), then steps run 1.10-1.13x faster.
-    So it pays for runs with several minutes of training, or many runs of one model (a grid), not
-    for short ones: off by default (``--compile``). Undone by :func:`uncompile_layers`.
+    separately. The first step pays the compile (less with a warm inductor cache: the compiled
+    kernels are cached on disk, ``TORCHINDUCTOR_CACHE_DIR``), then steps run faster (the measured
+    start-up and per-step gain: bench/NOTES.md). So it pays for runs with several minutes of
+    training, or many runs of one model (a grid), not for short ones: off by default (``--compile``). Undone by :func:`uncompile_layers`.
     """
     layers = decoder_layers(model)
     if not layers:
@@ -47,7 +46,9 @@ def uncompile_layers(model: torch.nn.Module) -> None:
     """
     compiled = False
     for module in model.modules():
-        compiled |= module._compiled_call_impl is not None
-        module._compiled_call_impl = None
+        # getattr: on the plain path (nothing compiled) this must not depend on the internal at all
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+            compiled = True
     if compiled:
         torch.compiler.reset()

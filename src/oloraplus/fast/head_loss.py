@@ -2,17 +2,16 @@
 
 The plain path materialises fp32 logits for every response token, then runs log-softmax,
 NLL and their backward over them, and casts them back: about ten passes over an N x vocab
-array (N response tokens), which for Gemma's 262k-token vocabulary is hundreds of MB per batch.
+array (N response tokens), which for a 262k-token vocabulary (Gemma) dominates a batch's memory.
 With a frozen head the only gradient needed is the one for the hidden states, and for
 softmax cross-entropy it is known in closed form, ``(softmax - onehot) @ W``. So for each chunk
 of rows we compute the logits, the loss and that gradient at once, and keep
 only the (N x hidden) gradient for the backward pass. The FLOPs are the same (the head forward
-and its input gradient); the memory traffic and the peak memory are far smaller. Measured side
-by side: 1.066x (Gemma 3 270M) and 1.056x (SmolLM2) per forward + backward
-(``bench/head_loss_probe.py``). Within a chunk, the loss comes from ``log_softmax`` and the
-gradient from one bf16 softmax pass minus the target rows of W, exactly: 1.08-1.15x faster per
-chunk than log-sum-exp, ``exp_`` and an in-place one-hot, and 50x closer to fp64
-(``bench/head_passes_probe.py``; bench/NOTES.md).
+and its input gradient); the memory traffic and the peak memory are far smaller. Within a chunk,
+the loss comes from ``log_softmax`` and the gradient from one bf16 softmax pass minus the target
+rows of W, exactly: fewer passes than log-sum-exp, ``exp_`` and an in-place one-hot, and closer
+to fp64 arithmetic. Measured gains and errors: bench/NOTES.md (``bench/head_loss_probe.py``,
+``bench/head_passes_probe.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from oloraplus.models.families import FUSABLE_MODEL_TYPES
 from oloraplus.models.loading import base_model
 
-# Rows per chunk: large enough that the head weight (335 MB for Gemma in bf16) is streamed
-# once per 256 rows, small enough that a chunk's logits stay bounded: for Gemma, 134 MB in bf16,
-# 268 MB for their fp32 copy and as much for its log-softmax, and the bf16 softmax, at once.
+# Rows per chunk: large enough that the head weight (vocab x hidden, large for Gemma) is streamed
+# once per 256 rows, small enough that a chunk's logits stay bounded: 256 x vocab in bf16, their
+# fp32 copy and as much for its log-softmax, and the bf16 softmax, at once.
 CHUNK_ROWS = 256
 
 
@@ -105,6 +104,25 @@ def head_inputs(head: torch.nn.Linear):
             del head.forward
         else:
             head.forward = previous
+
+
+def fused_response_loss(model, input_ids, attention_mask, keep, targets,
+                        reduction: str = "mean") -> torch.Tensor | None:
+    """Cross-entropy at the ``True`` positions of ``keep`` against ``targets``, head and loss fused.
+
+    None where the head is not fusable (:func:`fusable_head`): the caller computes the logits.
+    The model runs with the boolean ``keep`` as ``logits_to_keep`` (``fast.logits_mask``), so the
+    head's captured input is the (N x hidden) rows to score.
+    """
+    head = fusable_head(model)
+    if head is None:
+        return None
+    with head_inputs(head) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+    hidden = captured[-1]
+    if hidden.dim() == 3:  # a model that ignores a boolean logits_to_keep
+        hidden = hidden[keep]
+    return head_cross_entropy(model, head, hidden, targets, reduction)
 
 
 def head_cross_entropy(model, head, hidden, targets, reduction: str = "mean") -> torch.Tensor:

@@ -16,12 +16,10 @@ def keep_freed_memory(device: str) -> bool:
     unmaps it on ``free``, and it trims the heap's free top; the next block of that size is then
     faulted in again, one zero-filled 4 KiB page at a time. A training step allocates and frees
     such blocks all the time (the LM head's logits: 256 rows x 262k vocabulary x 4 bytes is 268 MB
-    per chunk on Gemma), and the page faults cost about as much as the arithmetic around them:
-    one chunk of Gemma's fused head took 686 ms with glibc's defaults and 510 ms with freed
-    memory kept (``bench/head_passes_probe.py``). With mmap off and the trim threshold at 2 GiB,
-    freed blocks stay in the heap for the next allocation. Whole training runs: Gemma 3 270M
-    255 -> 289 tokens/s, SmolLM2 unchanged within noise, peak RSS 0.1-0.8 GB higher (1.0 GB on
-    Gemma in the full bench, together with the fused head's new passes; bench/NOTES.md). The
+    per chunk on Gemma), and those page faults can cost as much as the arithmetic around them.
+    With mmap off and the trim threshold at 2 GiB, freed blocks stay in the heap for the next
+    allocation: the same arithmetic, fewer page faults, a somewhat higher peak RSS (the measured
+    gain per model and the memory cost: bench/NOTES.md, ``bench/head_passes_probe.py``). The
     setting is process-wide and cannot be undone, so only ``oloraplus train``/``evaluate``/
     ``bench`` call it; in your own script call it once at the start. Returns whether it was
     applied (CPU, Linux, glibc).

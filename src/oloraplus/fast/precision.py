@@ -8,7 +8,7 @@ import torch
 def prepare_for_compute(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
     """Make a (PEFT-wrapped) model fast for the resolved precision, without changing its function.
 
-    Each LoRA update is added inside its up-projection's matmul (:class:`adapters.AddmmLoRA`).
+    Each LoRA update is added inside its up-projection's matmul (:class:`oloraplus.fast.addmm.AddmmLoRA`).
     Under bf16 the frozen base weights are stored in bf16 (autocast would otherwise cast every
     fp32 weight to bf16 again on every forward pass: frozen weights are not in its cache), and
     PEFT's cast of each adapter's input to fp32 is switched off (autocast runs the adapter

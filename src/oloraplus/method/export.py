@@ -1,4 +1,4 @@
-"""``oloraplus export``: hand a trained OLoRA adapter to tools that expect plain LoRA.
+"""``oloraplus export``: hand a trained OLoRA (or PiSSA) adapter to tools that expect plain LoRA.
 
 OLoRA starts from B_0 = Q_r, A_0 = R_r and changes the base weight to W - s*B_0*A_0. A saved
 OLoRA adapter therefore only works on a base that PEFT first mutates the same way (it re-runs
@@ -11,8 +11,9 @@ so the update is a rank-2r LoRA on the *untouched* W: A' = [A_T; A_0], B' = [B_T
 the same scale s (r' = 2r, alpha' = 2 alpha; alpha' = sqrt(2) alpha under rsLoRA). This is the
 conversion PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` performs,
 but without having to save the initial adapter before training: B_0 and A_0 are recomputed
-from the original base weight with :func:`oloraplus.adapters.olora_factors`, the very
-function training used.
+from the original base weight with the init's factor function in
+:data:`oloraplus.method.adapters.INITS`, the very function training used. PiSSA adapters
+(``init_lora_weights="pissa"``, start W's top-r SVD) convert the same way.
 
 ``--to lora`` writes that adapter (``init_lora_weights=True`` in its config, so any loader
 leaves the base alone); ``--to merged`` adds the update into the weights and writes a full
@@ -26,19 +27,17 @@ an interrupted export never leaves a folder that looks finished.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from oloraplus.errors import UserError
-from oloraplus.method.adapters import load_adapter_weights, olora_factors
+from oloraplus.method.adapters import INITS, init_for_peft_value, load_adapter_weights
+from oloraplus.method.identity import check_adapter_identity
+from oloraplus.outputs import MODEL_MARKERS, claimed, commit_output, open_output, staging_folder
 
 EXPORT_TARGETS = ("lora", "merged")
-
-# init_lora_weights values that leave the base weights alone (PEFT's default LoRA inits).
-_STANDARD_INITS = (True, False, "gaussian")
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -63,23 +62,25 @@ def export_adapter(model: str, adapter: str, to: str, output: str, overwrite: bo
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:  # wrong peft_type, unreadable JSON, unknown keys
         raise UserError(f"cannot read {adapter_dir / 'adapter_config.json'} as a LoRA config: {exc}") from exc
-    init = config.init_lora_weights
-    if init != "olora" and init not in _STANDARD_INITS:
-        raise UserError(
-            f"adapter {adapter_dir} uses init_lora_weights={init!r}; export handles 'olora' and standard LoRA inits"
-        )
+    init_name = init_for_peft_value(config.init_lora_weights)
+    if init_name is None:
+        handled = ", ".join(repr(i.peft_value) for i in INITS.values() if i.factors)
+        raise UserError(f"adapter {adapter_dir} uses init_lora_weights={config.init_lora_weights!r}; "
+                        f"export handles {handled} and standard LoRA inits")
+    converts = INITS[init_name].factors is not None  # the base was changed: rebuild B_0, A_0
     if config.use_dora:
         raise UserError(f"adapter {adapter_dir} is a DoRA adapter; export handles plain LoRA only")
 
     base, tokenizer = load_model(model)  # float32, untouched
-    if init == "olora":
+    check_adapter_identity(adapter_dir, base, model)  # trained on this base, config not edited
+    if converts:
         weights, config = to_standard_lora(base, load_adapter_weights(adapter_dir), config, where=str(adapter_dir))
     else:
         weights = load_adapter_weights(adapter_dir)
 
     with _staged(out, overwrite) as tmp:
         if to == "lora":
-            if init == "olora":
+            if converts:
                 _save_adapter(tmp, weights, config)
             else:
                 shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
@@ -95,16 +96,22 @@ def export_adapter(model: str, adapter: str, to: str, output: str, overwrite: bo
 def to_standard_lora(
     base: torch.nn.Module, weights: dict[str, torch.Tensor], config, where: str = "adapter"
 ) -> tuple[dict[str, torch.Tensor], object]:
-    """Turn a trained OLoRA adapter's weights into a rank-2r LoRA for the untouched ``base``.
+    """Turn a trained OLoRA or PiSSA adapter's weights into a rank-2r LoRA for the untouched ``base``.
 
     ``weights`` are the adapter's saved tensors (PEFT names, without the adapter name);
-    ``base`` must hold the ORIGINAL weights (not the OLoRA residual). Returns the new tensors
-    (float32) and a copy of ``config`` with r, alpha and the init changed to match.
+    ``base`` must hold the ORIGINAL weights (not the residual the init left). The start B_0, A_0
+    is rebuilt with the factor function of ``config.init_lora_weights`` in ``INITS``. Returns the
+    new tensors (float32) and a copy of ``config`` with r, alpha and the init changed to match.
     """
     import copy
 
     if config.rank_pattern or config.alpha_pattern:
         raise UserError(f"{where}: rank_pattern/alpha_pattern adapters are not supported by export")
+    init_name = init_for_peft_value(config.init_lora_weights)
+    factors = INITS[init_name].factors if init_name else None
+    if factors is None:
+        raise UserError(f"{where}: init_lora_weights={config.init_lora_weights!r} has no start to convert")
+    scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)  # PEFT's scaling
     converted = dict(weights)
     for key, a_t in weights.items():
         if not key.endswith(".lora_A.weight"):
@@ -115,7 +122,7 @@ def to_standard_lora(
         if b_t is None or a_t.shape[1] != module.in_features or b_t.shape[0] != module.out_features:
             raise UserError(f"{where} does not fit this model: layer {_module_path(prefix)} has another shape")
         rank = a_t.shape[0]
-        b_0, a_0 = olora_factors(module.weight, rank)
+        b_0, a_0 = factors(module.weight, rank, scale)
         converted[key] = torch.cat([a_t.float(), a_0], dim=0)
         converted[prefix + ".lora_B.weight"] = torch.cat([b_t.float(), -b_0], dim=1)
     new = copy.deepcopy(config)
@@ -169,31 +176,18 @@ def _save_adapter(folder: Path, weights: dict[str, torch.Tensor], config) -> Non
 
 
 def _check_output(out: Path, overwrite: bool, sources: list[Path]) -> Path:
-    """Refuse an output that is a file, non-empty (without overwrite), or holds an input."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is an existing file; give a folder path")
-    resolved = out.resolve()
-    for source in sources:
-        if source.exists() and (resolved == source.resolve() or resolved in source.resolve().parents):
-            raise UserError(f"--output {out} would overwrite the input {source}; choose another folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output {out} is not empty; pass --overwrite to replace it, or choose another folder")
+    """Check and claim the output before anything is loaded (see :mod:`oloraplus.outputs`): refuse
+    a file, a non-empty folder without overwrite (or one that holds no earlier export), an output
+    that is, holds or lies above an input, the working folder or a cache, or one being written by
+    another process. Nothing is changed until :func:`_staged` swaps the finished export in."""
+    open_output(out, overwrite, inputs=sources, markers=MODEL_MARKERS, stage=True)
     return out
 
 
 @contextlib.contextmanager
 def _staged(out: Path, overwrite: bool):
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:  # appeared while we worked
-                raise UserError(f"--output {out} is not empty; pass --overwrite to replace it")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Yield the staging folder beside ``out`` (claimed by :func:`_check_output`); on success it
+    replaces ``out`` in one step, on failure it is removed and ``out`` stays as it was."""
+    with claimed(out):
+        yield staging_folder(out)
+        commit_output(out)

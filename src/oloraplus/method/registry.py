@@ -47,6 +47,7 @@ METHODS: dict[str, Method] = {
     for m in (
         *_pair("lora", "lora", "LoRA"),
         *_pair("olora", "olora", "OLoRA"),
+        *_pair("pissa", "pissa", "PiSSA"),
     )
 }
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in METHODS.values()))

@@ -8,10 +8,15 @@ Two lines in your own Trainer/TRL code::
 
     model = apply_olora(model, OLoRAPlusConfig(rank=32, alpha=16))
     trainer = OLoRAPlusTrainer(model=model, args=args, ratio=16, train_dataset=ds)
+
+The ratio may be given in the constructor, in :class:`OLoRAPlusTrainingArguments` or in the
+model's :class:`~oloraplus.method.adapters.OLoRAPlusConfig`; wherever it is given it reaches the
+optimiser, and two places that give different values are an error, never a silent choice.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from oloraplus.errors import UserError, check_positive
+from oloraplus.method.adapters import adapter_settings
 from oloraplus.method.loss import response_loss
 from oloraplus.method.optim import create_optimizer
 
@@ -28,9 +34,16 @@ from oloraplus.method.optim import create_optimizer
 class OLoRAPlusTrainer(Trainer):
     """A Trainer whose optimiser gives ``lora_B`` the learning rate ``ratio * args.learning_rate``.
 
-    ``ratio`` comes from the constructor or, if not given there, from ``args.ratio`` (see
-    :class:`OLoRAPlusTrainingArguments`), else 1. Weight decay is
-    ``args.weight_decay``; the optimiser class is AdamW with the Trainer's betas and epsilon.
+    ``ratio`` may be given in three places: this constructor, ``args.ratio``
+    (:class:`OLoRAPlusTrainingArguments`; ``None`` there means not given) and the
+    :class:`~oloraplus.method.adapters.OLoRAPlusConfig` that ``apply_adapters`` recorded on the
+    model. Every given value must agree (else :class:`UserError` naming both places); none
+    given means 1. The learning rate and weight decay are ``args.learning_rate`` and
+    ``args.weight_decay``. ``TrainingArguments`` cannot tell its defaults from chosen values, so
+    those two always count as given: an ``lr`` or ``weight_decay`` in the model's config must
+    equal them, or the constructor raises :class:`UserError`; a value set in the config is thus
+    either the one the optimiser uses or an error, never silently replaced by the Trainer's
+    default. The optimiser class is AdamW with the Trainer's betas and epsilon.
 
     With ``head_on_labels_only=True`` the LM head and the loss are computed only at positions
     that predict a label (labels != -100): the same loss, much less work when prompts are long
@@ -39,8 +52,7 @@ class OLoRAPlusTrainer(Trainer):
 
     def __init__(self, *args, ratio: float | None = None, head_on_labels_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ratio = float(ratio if ratio is not None else getattr(self.args, "ratio", 1.0))
-        check_positive("ratio", self.ratio)
+        self.ratio = _resolve_settings(self.model, self.args, ratio)
         self.head_on_labels_only = head_on_labels_only
         kill_at = os.environ.get(KILL_AT_STEP_ENV)
         if kill_at:
@@ -92,24 +104,62 @@ class OLoRAPlusTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own loss from ``labels`` (the plain Trainer path), or with
+        ``head_on_labels_only`` the same loss through the speed patches of ``oloraplus.fast``
+        (a boolean ``logits_to_keep`` and, where the head allows it, the fused head + loss)."""
         if not self.head_on_labels_only or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if num_items_in_batch is None:  # a per-batch mean; the Trainer scales it for accumulation
-            return response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            return response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], fast=True)
         # Token-weighted over the whole step, as the Trainer does for models that take loss kwargs:
         # num_items_in_batch counts the label tokens of every micro-batch on every process.
-        loss = response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], reduction="sum")
+        loss = response_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], reduction="sum",
+                             fast=True)
         loss = loss / num_items_in_batch
         if self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return loss
 
 
+def _resolve_settings(model, args, ratio: float | None) -> float:
+    """The ratio every given source agrees on (1 if none gives one); check lr and weight decay.
+
+    Raises :class:`UserError` naming both sources when two given values differ.
+    """
+    settings = adapter_settings(model) if model is not None else None
+    given = [(source, value) for source, value in (
+        (f"OLoRAPlusTrainer(ratio={ratio})", ratio),
+        (f"{type(args).__name__}(ratio={getattr(args, 'ratio', None)})", getattr(args, "ratio", None)),
+        (f"the model's OLoRAPlusConfig(ratio={getattr(settings, 'ratio', None)})", getattr(settings, "ratio", None)),
+    ) if value is not None]
+    for _, value in given:
+        check_positive("ratio", value)
+    for source, value in given[1:]:
+        if not math.isclose(float(value), float(given[0][1]), rel_tol=1e-9):
+            raise UserError(f"ratio is given twice with different values: {given[0][0]} and {source}; "
+                            "give it once, or the same value in both")
+    if settings is not None:
+        for field_name, arg_name in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+            value, arg_value = getattr(settings, field_name), getattr(args, arg_name)
+            if value is not None and not math.isclose(float(value), float(arg_value), rel_tol=1e-9, abs_tol=0.0):
+                raise UserError(
+                    f"{field_name} is given twice with different values: the model's OLoRAPlusConfig("
+                    f"{field_name}={value}) and {type(args).__name__}({arg_name}={arg_value}) (TrainingArguments "
+                    f"always sets {arg_name}, to its default if not given); set {arg_name}={value} in the "
+                    f"arguments, or leave {field_name} out of the OLoRAPlusConfig"
+                )
+    return float(given[0][1]) if given else 1.0
+
+
 @dataclass
 class OLoRAPlusTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus ``ratio`` (lambda), for scripts configured by arguments."""
+    """``TrainingArguments`` plus ``ratio`` (lambda), for scripts configured by arguments.
 
-    ratio: float = field(default=1.0, metadata={"help": "lambda = lr_B / lr_A"})
+    ``ratio=None`` (the default) means not given: :class:`OLoRAPlusTrainer` then takes the ratio
+    from its constructor or the model's config, else 1.
+    """
+
+    ratio: float | None = field(default=None, metadata={"help": "lambda = lr_B / lr_A (default: 1)"})
 
 
 class NonFiniteLossError(UserError):

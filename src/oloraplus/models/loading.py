@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from oloraplus.errors import UserError
 from oloraplus.models.registry import DEFAULT_MODEL, REGISTRY, ModelSpec
+from oloraplus.outputs import check_home, check_writable, home_cache
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,8 +29,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def oloraplus_home() -> Path:
-    return Path(os.environ.get("OLORAPLUS_HOME", Path.home() / ".cache" / "oloraplus"))
+def oloraplus_home(writable: bool = False) -> Path:
+    """``$OLORAPLUS_HOME`` (default ``~/.cache/oloraplus``): converted models live below it.
+
+    Refused in one line when unusable (set but empty, a file, under a file, a dangling symlink)
+    and, with ``writable``, when it cannot be written: before a download or conversion, not after.
+    """
+    return check_home(home_cache(), writable=writable)
 
 
 def _package_gguf(spec: ModelSpec) -> Path:
@@ -51,7 +56,7 @@ def _package_gguf(spec: ModelSpec) -> Path:
     module = importlib.import_module(spec.package)
     if hasattr(module, "assemble"):  # gemma3: the file ships in parts, joined once
         try:
-            return Path(module.assemble(oloraplus_home() / "gguf" / module.MODEL_NAME))
+            return Path(module.assemble(oloraplus_home(writable=True) / "gguf" / module.MODEL_NAME))
         except (FileNotFoundError, ValueError) as exc:
             raise UserError(f"cannot assemble the GGUF of '{spec.name}' ({exc}); reinstall {spec.pip}") from exc
     raise UserError(f"package '{spec.package}' holds no .gguf file; reinstall {spec.pip}")
@@ -62,6 +67,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    home = oloraplus_home()
+    where = f"OLORAPLUS_HOME {home}" if home.resolve() in out_dir.resolve().parents else f"model folder {out_dir}"
+    check_writable(out_dir.parent, where)  # before the (long) conversion, not after it
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -71,7 +79,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         )
     except Exception as exc:  # gguf files that transformers cannot read
         raise UserError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
-    # Drop the quantization marker so the Trainer treats it as an ordinary model.
+    # Drop the quantization marker so the Trainer treats it as an ordinary model. This sets a
+    # transformers internal: the one patch outside oloraplus.fast, needed with --no-fast too, with
+    # its tripwires in tests/test_fast.py (test_gguf_*; listed in oloraplus.fast's docstring).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -139,6 +149,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _is_damaged_weights(exc: BaseException) -> bool:
+    """A weights file that cannot be read: truncated or corrupt safetensors, a shape that does not fit."""
+    return type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "size mismatch" in str(exc))
+
+
+def check_loading_info(info: dict, source: str) -> None:
+    """Refuse a checkpoint whose weight names do not match its config.
+
+    ``from_pretrained`` initialises every weight it does not find at random and drops the ones
+    it does not know, with only a log line: training would then start from a partly random model.
+    """
+    problems = []
+    for kind in ("missing", "unexpected", "mismatched"):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(f"{kind}_keys") or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} {kind} weight(s) ({shown})")
+    problems += [str(m).strip().splitlines()[0] for m in info.get("error_msgs") or () if str(m).strip()]
+    if problems:
+        raise UserError(
+            f"model {source} does not match its config.json: {'; '.join(problems)}; "
+            "the checkpoint is damaged or belongs to another architecture"
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None
 ):
@@ -151,14 +186,17 @@ def load_model(
     source = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except Exception as exc:
+        if not isinstance(exc, (OSError, ValueError)) and not _is_damaged_weights(exc):
+            raise
         if Path(source).exists():
             raise UserError(f"cannot load model from {source}: {_first_line(exc)}") from exc
         raise UserError(
             f"cannot load '{source}' from the hub and it is not in the local cache "
             f"(offline? run 'oloraplus models pull {name_or_path}' where the hub is reachable): {_first_line(exc)}"
         ) from exc
+    check_loading_info(info, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

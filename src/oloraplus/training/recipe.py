@@ -10,27 +10,39 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from oloraplus.data.batching import Collator, ExampleDataset, LengthGroupedSampler
+from oloraplus.data.batching import Collator, ExampleDataset
 from oloraplus.data.records import load_records
 from oloraplus.data.split import split_records
-from oloraplus.data.tokenize import Example, tokenize_records
+from oloraplus.data.tokenize import Example, check_kept, tokenize_records
 from oloraplus.errors import UserError
 from oloraplus.evaluation.evaluate import evaluate_model
-from oloraplus.fast.attention import attention_kernel, current_attention, use_attention
 from oloraplus.fast.compile import compile_layers
 from oloraplus.fast.memory import keep_freed_memory
 from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.fast.trainer import FastTrainerMixin
 from oloraplus.files import write_json_atomic, write_text_atomic
 from oloraplus.method.adapters import apply_olora
+from oloraplus.method.identity import check_adapter_identity, model_fingerprint, write_adapter_identity
 from oloraplus.method.optim import optimizer_groups
 from oloraplus.method.registry import METHODS
 from oloraplus.method.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
 from oloraplus.models.loading import load_model
-from oloraplus.training.checkpoints import CHECKPOINTS, RUN_CONFIG, checkpoint_step, prepare_output, resume_checkpoint
-from oloraplus.training.config import TrainConfig
+from oloraplus.training.checkpoints import (
+    checkpoint_step,
+    finish_output,
+    prepare_output,
+    releases_output,
+    resume_checkpoint,
+    run_folder,
+    run_inputs,
+    write_run_config,
+)
+from oloraplus.training.config import EVALUATE_FIELDS, TrainConfig
 from oloraplus.training.distributed import (
     gather_objects,
     is_main_process,
@@ -39,25 +51,36 @@ from oloraplus.training.distributed import (
     ranks_finish_together,
     world_size,
 )
+from oloraplus.training.integrity import check_data
 from oloraplus.training.provenance import library_versions
 from oloraplus.training.runtime import default_device, merged_for_eval, resolve_precision
+from oloraplus.training.validation import VAL_LOSS, ValidationCallback, val_log
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 def load_split(config: TrainConfig):
     source = load_records(config.data)
-    return split_records(source, config.n_train, config.n_eval, config.data_seed)
+    return split_records(source, config.n_train, config.n_eval, config.data_seed, config.n_val)
 
 
-def train(config: TrainConfig) -> dict:
-    """Fine-tune, evaluate and write the run folder. Returns the results dict."""
+@releases_output  # a failed run leaves the old --output as it was
+def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Fine-tune, evaluate and write the run folder. Returns the results dict.
+
+    ``callbacks``: more ``transformers.TrainerCallback`` objects for the Trainer, after the
+    validation one (their ``on_evaluate`` receives each validation loss; ``oloraplus tune`` prunes there).
+    """
     from transformers import set_seed
 
     config.validate()
     resume_from = resume_checkpoint(config)
-    # Only the main process creates or clears the folder (the others would race it).
-    out = prepare_output(config.output, config.overwrite, config.resume) if is_main_process() else Path(config.output)
+    # Only the main process checks, claims and stages the folder (the others would race it).
+    out = (prepare_output(config.output, config.overwrite, config.resume, run_inputs(config))
+           if is_main_process() else run_folder(config))
     if config.save_steps and not resume_from and is_main_process():
-        write_json_atomic(out / CHECKPOINTS / RUN_CONFIG, asdict(config))
+        write_run_config(out, config)  # the flags and the data file's sha256, compared on --resume
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     split = load_split(config)
@@ -65,21 +88,34 @@ def train(config: TrainConfig) -> dict:
     model, tokenizer, precision = load_base_model(config, device)
     train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    check_data(config, split, (train_examples, train_stats), (eval_examples, eval_stats))
+    val_examples, val_stats = tokenize_records(split.val, tokenizer, config.max_length)
+    if split.val:
+        check_kept(val_examples, val_stats, "validation", config.data, config.max_length)
+    base_fingerprint = model_fingerprint(model)  # before the init changes the base weights
     timings["load"] = time.perf_counter() - t0
 
     set_seed(config.seed)
     t = time.perf_counter()
     model = apply_olora(model, config.adapter_config())
     timings["init"] = time.perf_counter() - t
-    prepare_for_compute(model, precision, device)
-    if config.compile:
-        compile_layers(model, device)
+    if config.fast:  # the plain path trains the model as PEFT built it
+        prepare_for_compute(model, precision, device)
+        if config.compile:
+            compile_layers(model, device)
 
     trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
     if config.track_dynamics:
         from oloraplus.analysis.dynamics import attach_dynamics
 
         attach_dynamics(trainer, config.track_dynamics, out / "dynamics.jsonl")
+    if split.val:  # first, so that the callbacks below see each validation loss
+        validation = ValidationCallback(val_examples, tokenizer.pad_token_id, config.eval_steps, precision, device,
+                                        config.eval_batch_size, config.fast)
+        validation.handler = trainer.callback_handler
+        trainer.add_callback(validation)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     t = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     timings["train"] = time.perf_counter() - t
@@ -91,12 +127,20 @@ def train(config: TrainConfig) -> dict:
             return {}  # rank 0 alone evaluates and writes the run folder
 
         model.save_pretrained(out / "adapter")
+        write_adapter_identity(out / "adapter", base_fingerprint, config.model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
-        timings["eval_loss"] = details.pop("eval_loss_seconds")
-        timings["predict"] = details.pop("predict_seconds")
-
-        write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        if config.evaluate:
+            metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
+            timings["eval_loss"] = details.pop("eval_loss_seconds")
+            timings["predict"] = details.pop("predict_seconds")
+            write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        else:  # --no-evaluate (tuning): the validation loss is the run's only metric
+            metrics, details = {}, {"skipped": "--no-evaluate"}
+        val_rows = val_log(trainer.state.log_history)
+        if val_rows:  # the loss after the last step (ValidationCallback measures it at the end)
+            metrics[VAL_LOSS] = val_rows[-1][VAL_LOSS]
+            details["val_loss"] = (f"response-token loss on the {len(val_examples)} validation records, adapters "
+                                   f"unmerged, {precision} as in training")
         timings["total"] = time.perf_counter() - t0
         results = {
             "metrics": metrics,
@@ -106,7 +150,8 @@ def train(config: TrainConfig) -> dict:
                        "lr_A": config.lr, "lr_B": config.lr * config.lam},
             "precision": precision,
             "device": device,
-            "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict()},
+            "data": {**split.provenance, "train_tokens": train_stats.to_dict(), "eval_tokens": eval_stats.to_dict(),
+                     **({"val_tokens": val_stats.to_dict()} if split.val else {})},
             "training": {
                 "steps": steps,
                 "train_loss": train_output.training_loss,
@@ -120,11 +165,13 @@ def train(config: TrainConfig) -> dict:
                 "per_device_batch_size": per_device_batch_size(config.batch_size),
                 "optimizer_groups_per_rank": rank_groups,
                 "resumed_from": resume_from,  # train_loss then averages the resumed steps only
+                **({"val_log": val_rows} if split.val else {}),  # [{step, val_loss}] (--n-val, --eval-steps)
             },
             "timings_seconds": timings,
             "versions": library_versions(),
         }
         write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
+        finish_output(config.output)  # an --overwrite run replaces the old output only now
         return results
 
 
@@ -135,31 +182,9 @@ def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> in
     return int(per_epoch * steps / steps_per_epoch) if steps_per_epoch else 0
 
 
-class RecipeTrainer(OLoRAPlusTrainer):
-    """``OLoRAPlusTrainer`` with tighter length grouping (see ``data.LengthGroupedSampler``) and
-    the attention kernel chosen per batch length (see ``attention.attention_kernel``)."""
-
-    attention: str = "auto"
-    device_kind: str = "cpu"
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        use_attention(self.model, attention_kernel(self.attention, self.device_kind, inputs["input_ids"].shape[1]))
-        return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def train(self, *args, **kwargs):
-        """Train; afterwards the model has its own attention kernel again (evaluation is unchanged)."""
-        original = current_attention(self.model)
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            use_attention(self.model, original)
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, ExampleDataset):
-            return super()._get_train_sampler(train_dataset)
-        global_batch = self.args.per_device_train_batch_size * self.args.world_size
-        return LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], global_batch, self.args.seed)
+class RecipeTrainer(FastTrainerMixin, OLoRAPlusTrainer):
+    """``OLoRAPlusTrainer`` with the Trainer speed patches of ``fast.trainer`` (``--fast``): tighter
+    length grouping and the attention kernel chosen per batch length."""
 
 
 def build_trainer(config, model, tokenizer, examples, out: Path, precision: str, device: str) -> OLoRAPlusTrainer:
@@ -189,14 +214,16 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used in each forward
         ratio=config.lam,
     )
-    trainer = RecipeTrainer(
+    # --no-fast: the plain OLoRAPlusTrainer, the Trainer's own sampler, the model's own loss from labels
+    trainer = (RecipeTrainer if config.fast else OLoRAPlusTrainer)(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=Collator(tokenizer.pad_token_id),
-        head_on_labels_only=config.head_on_labels_only,
+        head_on_labels_only=config.head_on_labels_only and config.fast,
     )
-    trainer.attention, trainer.device_kind = config.attention, device
+    if config.fast:
+        trainer.attention, trainer.device_kind = config.attention, device
     return trainer
 
 
@@ -213,6 +240,7 @@ def run_evaluation(config, model, tokenizer, split, eval_examples):
         batch_size=config.eval_batch_size,
         generation_batch_size=config.generation_batch_size,
         progress=config.progress,
+        fast=config.fast,
     )
     details["precision"] = "fp32, adapters merged"
     return metrics, predictions, details
@@ -221,33 +249,40 @@ def run_evaluation(config, model, tokenizer, split, eval_examples):
 def load_base_model(config: TrainConfig, device: str):
     """The base model and tokenizer as ``train`` and ``evaluate`` run them, and the resolved precision.
 
-    Freed memory is kept for reuse first (``runtime.keep_freed_memory``), so that the model's own
-    allocations already follow that policy.
+    With ``config.fast``, freed memory is kept for reuse first (``fast.memory.keep_freed_memory``),
+    so that the model's own allocations already follow that policy.
     """
     precision = resolve_precision(config.precision, device)
-    keep_freed_memory(device)
+    if config.fast:
+        keep_freed_memory(device)
     model, tokenizer = load_model(config.model, device=device)
     return model, tokenizer, precision
 
 
+@releases_output
 def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     """Re-evaluate a saved adapter on the original base model (``oloraplus evaluate``)."""
     from peft import PeftModel
 
+    config.validate(EVALUATE_FIELDS)
+
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    out = prepare_output(config.output, config.overwrite)
+    out = prepare_output(config.output, config.overwrite, inputs=run_inputs(config, adapter))
     split = load_split(config)
     device = default_device()
     model, tokenizer, precision = load_base_model(config, device)
     eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    check_data(config, split, evaluation=(eval_examples, eval_stats))
+    check_adapter_identity(adapter_dir, model, config.model)  # before PEFT re-runs the init on it
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as exc:
         raise UserError(f"cannot load adapter {adapter_dir} on model '{config.model}': {exc}") from exc
-    # Round the base weights exactly as training stored them, so the same function is evaluated.
-    prepare_for_compute(model, precision, device)
+    # Round the base weights exactly as --fast training stored them, so the same function is evaluated.
+    if config.fast:
+        prepare_for_compute(model, precision, device)
     metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     results = {
@@ -261,4 +296,5 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
         "versions": library_versions(),
     }
     write_json_atomic(out / "results.json", results)
+    finish_output(config.output)
     return results

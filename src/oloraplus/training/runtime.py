@@ -1,8 +1,9 @@
 """Device and precision: where the model runs and whether matmuls run in bf16.
 
 bf16 autocast is the default where the hardware has native bf16 matrix instructions (CUDA
-with bf16 support, or a CPU with AVX512-BF16 / AMX): on such CPUs bf16 matmuls run about 4x
-faster than fp32. Elsewhere it falls back to fp32. ``--precision`` forces either.
+with bf16 support, or a CPU with AVX512-BF16 / AMX): on such CPUs bf16 matmuls run several
+times faster than fp32 (measured peaks: bench/NOTES.md). Elsewhere it falls back to fp32.
+``--precision`` forces either.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def merged_for_eval(model: torch.nn.Module) -> torch.nn.Module:
 
     Merging the adapters removes their per-layer overhead from every generation step, and
     fp32 makes greedy decoding independent of how prompts are batched (in bf16, batched and
-    one-at-a-time greedy outputs differed for 44% of Alpaca prompts; in fp32 for none). The
+    one-at-a-time greedy outputs differ for many Alpaca prompts, in fp32 for none; bench/NOTES.md). The
     weights are the trained ones: a bf16-stored residual W - s*B*A is upcast exactly.
     Consumes ``model`` (the merge is in place): save the adapter first. Compiled layers run
     eagerly again (evaluation's shapes, dtype and KV cache would only make them recompile).

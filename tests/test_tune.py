@@ -1,0 +1,310 @@
+"""Validation during training (``--n-val``, ``--eval-steps``) and ``oloraplus tune`` (Optuna search on the
+validation loss): tiny checkpoint, tiny trials."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import make_records
+
+from oloraplus.cli import main
+from oloraplus.data.records import DataSource
+from oloraplus.data.split import split_records
+from oloraplus.errors import UserError
+from oloraplus.training.config import TrainConfig
+
+TINY_RUN = ["--n-train", "24", "--n-eval", "4", "--max-new-tokens", "4", "--precision", "fp32", "--no-progress",
+            "--rank", "4", "--batch-size", "4", "--metrics-mode", "teacher-forced"]
+
+
+def source_of(n: int) -> DataSource:
+    return DataSource(make_records(n), "fixture", "0" * 64)
+
+
+def test_validation_is_carved_from_the_training_records_and_leaves_eval_unchanged():
+    plain, carved = split_records(source_of(40), 24, 8, 5), split_records(source_of(40), 24, 8, 5, n_val=6)
+    assert carved.eval_indices == plain.eval_indices  # the eval records do not depend on --n-val
+    assert carved.train_indices + carved.val_indices == plain.train_indices  # the last 6 train records
+    assert len(carved.train) == 18 and len(carved.val) == 6
+    assert not set(carved.val_indices) & (set(carved.train_indices) | set(carved.eval_indices))
+    assert carved.provenance["val_indices"] == carved.val_indices and carved.provenance["n_val"] == 6
+    assert "val_indices" not in plain.provenance and plain.val == []  # n_val = 0: the split as before
+    for n_val in (24, 30, -1, 2.5):
+        with pytest.raises(UserError, match="--n-val"):
+            split_records(source_of(40), 24, 8, 5, n_val=n_val)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"n_val": 24}, "below --n-train"),
+    ({"eval_steps": 2}, "--n-val"),
+    ({"evaluate": False}, "--n-val"),
+    ({"n_val": 4, "eval_steps": 0}, "eval-steps"),
+])
+def test_validation_settings_are_checked(changes, needle):
+    with pytest.raises(UserError, match=needle):
+        TrainConfig(output="x", method="olora", n_train=24, **changes).validate()
+
+
+def test_val_loss_is_eval_loss_on_the_validation_records(tiny_checkpoint, records_file, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oloraplus.data.tokenize import tokenize_records
+    from oloraplus.evaluation.evaluate import eval_loss
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--output", str(out),
+                 "--method", "olora-plus", "--ratio", "4", "--max-steps", "3", "--n-val", "8", "--eval-steps", "2",
+                 "--lr", "1e-2", *TINY_RUN])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "val_loss" in captured.out
+    results = json.loads((out / "results.json").read_text())
+    data = results["data"]
+    train_idx, val_idx, eval_idx = data["train_indices"], data["val_indices"], data["eval_indices"]
+    assert (len(train_idx), len(val_idx), len(eval_idx)) == (16, 8, 4)
+    assert not (set(train_idx) & set(val_idx) or set(val_idx) & set(eval_idx) or set(train_idx) & set(eval_idx))
+    assert results["config"]["n_val"] == 8 and results["config"]["eval_steps"] == 2
+    log = results["training"]["val_log"]
+    assert [row["step"] for row in log] == [2, 3]  # every 2 steps, and the end
+    assert results["metrics"]["val_loss"] == log[-1]["val_loss"]
+    assert math.isfinite(results["metrics"]["eval_loss"])  # the eval set is still evaluated
+
+    # The same number from eval_loss on the saved adapter and the validation records.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32),
+                                      str(out / "adapter"))
+    records = make_records(40)
+    examples, _ = tokenize_records([records[i] for i in val_idx], tokenizer, 512)
+    again = eval_loss(model, examples, tokenizer.pad_token_id, progress=False)["eval_loss"]
+    assert again == pytest.approx(results["metrics"]["val_loss"], rel=1e-4)
+
+
+def test_no_evaluate_skips_the_eval_set(tiny_checkpoint, records_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--output", str(out),
+                 "--method", "olora", "--max-steps", "2", "--n-val", "4", "--no-evaluate", *TINY_RUN])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"val_loss"}
+    assert [row["step"] for row in results["training"]["val_log"]] == [2]
+    assert not (out / "predictions.jsonl").exists()
+
+
+def tune_args(checkpoint, records_file, output, *more: str) -> list[str]:
+    return ["tune", "--model", str(checkpoint), "--data", str(records_file), "--output", str(output),
+            "--n-train", "24", "--n-val", "8", "--n-eval", "4", "--max-steps", "2", "--eval-steps", "1",
+            "--rank", "4", "--batch-size", "4", "--precision", "fp32", "--max-length", "64", *more]
+
+
+def study_trials(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, records_file, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "tune"
+    code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "2",
+                          "--lr-range", "1e-3", "1e-1", "--ratio-range", "1/4", "4"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "olora-plus: best val_loss" in captured.out
+    best = json.loads((out / "best.json").read_text())
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"olora", "olora-plus"}
+    assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    for method in ("olora", "olora-plus"):
+        entry = best["methods"][method]
+        assert entry["trials"]["COMPLETE"] + entry["trials"]["PRUNED"] == 2
+        assert 1e-3 <= entry["params"]["lr"] <= 1e-1
+        complete = [r for r in rows if r["method"] == method and r["state"] == "COMPLETE"]
+        assert entry["val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in complete))
+        # the objective is the trial run's validation loss, never an eval metric
+        trial = json.loads((out / "trials" / method / f"{entry['trial']:04d}" / "results.json").read_text())
+        assert trial["metrics"] == {"val_loss": entry["val_loss"]}
+    assert "ratio" not in best["methods"]["olora"]["params"]
+    assert 0.25 <= best["methods"]["olora-plus"]["params"]["ratio"] <= 4
+    assert (out / "figure_val_loss_vs_lr.png").stat().st_size > 0
+    assert (out / "figure_heatmap_olora-plus.png").stat().st_size > 0
+    assert not (out / "figure_heatmap_olora.png").exists()
+
+    # Resumable: the study is the state, so the same command with a larger budget runs only the missing trials.
+    code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "--trials", "3",
+                          "--lr-range", "1e-3", "1e-1"))
+    assert code == 0, capsys.readouterr().err
+    olora = study_trials(f"sqlite:///{out / 'optuna.db'}", f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}.olora")
+    assert len(olora) == 3 and len(list(csv.DictReader((out / "trials.csv").open()))) == 3
+    # ... and a study made with other settings is refused.
+    code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "--trials", "3",
+                          "--lr-range", "1e-4", "1e-1"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "lr_range" in err
+
+
+def tiny_checkpoint_name(path) -> str:
+    from oloraplus.experiments.grid import safe_name
+
+    return safe_name(str(path))
+
+
+@pytest.mark.parametrize("storage, needle", [
+    ("nosuchdb://localhost/x", "not a storage URL"),
+    ("sqlite:///{tmp}/no/such/folder/x.db", "cannot open --storage"),
+    ("optuna.db", "not a storage URL"),
+])
+def test_a_bad_storage_url_is_one_error_line(storage, needle, tiny_checkpoint, records_file, tmp_path, capsys):
+    code = main(tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--trials", "1",
+                          "--storage", storage.format(tmp=tmp_path)))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_tune_settings_are_checked_before_anything_runs(tiny_checkpoint, records_file, tmp_path, capsys):
+    for more, needle in ((["--n-val", "0"], "--n-val"), (["--workers", "999"], "cores"),
+                         (["--lr-range", "1e-2", "1e-3"], "--lr-range"),
+                         (["--tune-dropout", "--dropout", "0.1"], "--tune-dropout")):
+        argv = tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--trials", "1", *more)
+        if more[0] == "--n-val":
+            argv.remove("8"), argv.remove("--n-val")
+            argv += ["--n-val", "0"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "tune" / "optuna.db").exists()
+
+
+def test_tune_takes_train_flags_from_a_config_file_but_not_the_searched_ones(tiny_checkpoint, records_file, tmp_path,
+                                                                             capsys):
+    config = tmp_path / "tune.yaml"
+    config.write_text("seed: 3\nrank: 8\n")
+    assert main(tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--trials", "1", "--methods", "olora",
+                          "--config", str(config))) == 0
+    capsys.readouterr()
+    trial = json.loads((tmp_path / "tune" / "trials" / "olora" / "0000" / "results.json").read_text())
+    assert (trial["config"]["seed"], trial["config"]["rank"]) == (3, 4)  # flags on the command line win
+    assert (trial["config"]["n_val"], trial["config"]["evaluate"]) == (8, False)
+    config.write_text("lr: 1e-3\n")
+    assert main(tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--trials", "1", "--config",
+                          str(config))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'lr' does not apply to this command" in err, err
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tiny_checkpoint, records_file, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora-plus", "--trials", "4",
+                          "--workers", "2", "--storage", storage))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    trials = study_trials(storage, f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}.olora-plus")
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    params = [(t.params["lr"], t.params["ratio"]) for t in finished]
+    assert len(set(params)) == len(params)
+    # the only other trials a race can leave: started as the budget filled up, marked FAIL, never counted
+    assert all(t.user_attrs.get("note", "").startswith("over budget") for t in trials if t not in finished)
+    assert len({t.user_attrs["output"] for t in finished}) == 4
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_does_not_count_and_is_replaced_on_resume(tiny_checkpoint, records_file, tmp_path,
+                                                                          capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    name = f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}.olora"
+    argv = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "--trials", "2", "--storage", storage,
+                     "--heartbeat", "1", "--max-steps", "40", "--eval-steps", "40")  # a trial of some seconds
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "oloraplus", *argv], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, killed = time.monotonic() + 120, None
+        while killed is None and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.1)
+            try:
+                running = [t for t in study_trials(storage, name) if t.state.name == "RUNNING"]
+            except Exception:  # the database or the study is not there yet
+                continue
+            if running:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait()
+                killed = running[0].number
+        assert killed is not None, worker.stderr.read() if worker.poll() is not None else "no trial started"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    state = {t.number: t.state.name for t in study_trials(storage, name)}
+    assert state[killed] == "RUNNING"  # not COMPLETE: the worker died inside it
+
+    code = main(argv)  # the same command resumes the study
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    trials = study_trials(storage, name)
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed].state.name == "FAIL"  # found stale by its heartbeat
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 2 and killed not in {t.number for t in finished}
+    assert json.loads((out / "best.json").read_text())["methods"]["olora"]["trials"]["FAIL"] == 1
+
+
+def test_measuring_the_validation_loss_does_not_change_training(tiny_checkpoint, records_file, tmp_path):
+    from oloraplus.training.recipe import train
+
+    def run(name: str, **more) -> dict:
+        return train(TrainConfig(output=str(tmp_path / name), model=str(tiny_checkpoint), data=str(records_file),
+                                 method="olora-plus", ratio=4.0, lr=1e-2, dropout=0.1, n_train=24, n_eval=4, n_val=8,
+                                 max_steps=3, rank=4, batch_size=4, precision="fp32", progress=False,
+                                 evaluate=False, **more))
+
+    quiet, watched = run("quiet"), run("watched", eval_steps=1)
+    assert [row["step"] for row in watched["training"]["val_log"]] == [1, 2, 3]
+    assert [row["step"] for row in quiet["training"]["val_log"]] == [3]
+    assert watched["training"]["train_loss"] == quiet["training"]["train_loss"]
+    assert watched["metrics"]["val_loss"] == quiet["metrics"]["val_loss"]
+
+
+def test_a_pruned_trial_stops_training_and_leaves_no_finished_run(tiny_checkpoint, records_file, tmp_path):
+    import optuna
+
+    from oloraplus.experiments.tune import PruningCallback
+    from oloraplus.training.recipe import train
+
+    class Trial:  # what PruningCallback uses of an optuna.Trial
+        reported: list = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    out = tmp_path / "trial"
+    config = TrainConfig(output=str(out), model=str(tiny_checkpoint), data=str(records_file), method="olora",
+                         n_train=24, n_eval=4, n_val=8, eval_steps=1, max_steps=3, rank=4, batch_size=4,
+                         precision="fp32", progress=False, evaluate=False)
+    with pytest.raises(optuna.TrialPruned):
+        train(config, callbacks=[PruningCallback(trial)])
+    assert [step for step, _ in trial.reported] == [1]
+    assert not (out / "results.json").exists()
