@@ -99,16 +99,41 @@ def tiny_tokenizer(tmp_path_factory):
     return fast
 
 
+def save_tiny_llama(path: Path, tokenizer) -> Path:
+    """Save a tiny Llama checkpoint folder (config + safetensors + tokenizer) at ``path``."""
+    model = tiny_model("llama")
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tiny_tokenizer):
-    """A saved tiny Llama checkpoint folder (config + safetensors + tokenizer)."""
-    model = tiny_model("llama")
-    model.config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.config.bos_token_id = tiny_tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    """A saved tiny Llama checkpoint folder, new for each test."""
+    return save_tiny_llama(tmp_path / "tiny-llama", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def module_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """One saved tiny Llama checkpoint folder for a whole test module (for tests that only read it)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("ckpt") / "tiny-llama", tiny_tokenizer)
+
+
+def assert_one_error_line(argv: list[str], capsys, *needles: str) -> str:
+    """``oloraplus argv`` exits 2 with one ``error: ...`` line holding every needle, and no traceback."""
+    from oloraplus.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, (argv, captured)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]

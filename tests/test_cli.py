@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_records
+from conftest import assert_one_error_line, make_records
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,14 +123,7 @@ def test_adapter_round_trip_with_plain_peft(tiny_checkpoint, tmp_path):
 
 
 def assert_user_error(argv: list[str], capsys, needle: str) -> None:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ")
-    assert needle in lines[0]
-    assert "Traceback" not in captured.err + captured.out
+    assert_one_error_line(argv, capsys, needle)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_records, tiny_model
+from conftest import make_records
 
 import oloraplus.models.loading
 import oloraplus.training.recipe
@@ -21,15 +21,8 @@ SMALL = {"--n-train": "8", "--n-eval": "4", "--max-new-tokens": "4", "--precisio
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
-    """One saved tiny Llama for the whole module (only a few rows load it)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    model = tiny_model("llama")
-    model.config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+def checkpoint(module_checkpoint) -> Path:
+    return module_checkpoint
 
 
 def _write(path: Path, content) -> Path:

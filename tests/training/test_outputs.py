@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_records, tiny_model
+from conftest import assert_one_error_line, make_records
 
 import oloraplus.models.loading
 import oloraplus.outputs
@@ -38,14 +38,8 @@ SMALL = ["--n-train", "8", "--n-eval", "4", "--max-new-tokens", "4", "--precisio
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    model = tiny_model("llama")
-    model.config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+def checkpoint(module_checkpoint) -> Path:
+    return module_checkpoint
 
 
 @pytest.fixture
@@ -71,14 +65,7 @@ def train_argv(checkpoint, data, out, *extra) -> list[str]:
 
 
 def one_error(argv, capsys, needle: str) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert code == 2, (argv, captured.err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
+    return assert_one_error_line(argv, capsys, needle)
 
 
 def snapshot(folder: Path) -> dict:

@@ -58,6 +58,19 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x - y).norm() / y.norm()).item()
 
 
+def assert_unchanged_at_step_0(after, before, reference_fp32, dtype) -> None:
+    """The adapted model computes the base model's function: exactly in fp32; in bf16, where the
+    residual W - s*BA is rounded to bf16 again, within a few times the error bf16 itself makes
+    against the fp32 model, and never more than a few percent."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    else:
+        bf16_noise = rel_err(before, reference_fp32)
+        assert 0 < bf16_noise < 0.05
+        assert rel_err(after, before) < max(4 * bf16_noise, 1e-3)
+        assert rel_err(after, reference_fp32) < 5 * bf16_noise
+
+
 def original_weights(model) -> dict[str, torch.Tensor]:
     """Module name -> a copy of its weight, for every Linear, keyed as PEFT will name it."""
     return {
@@ -108,16 +121,7 @@ def test_olora_init_matches_independent_qr(family, dtype):
         tol = 1e-5 if dtype == torch.float32 else 2**-7
         torch.testing.assert_close(base.float() + scale * (b @ a), w.float(), rtol=tol, atol=tol * w.abs().max().item())
 
-    after = logits(peft_model, ids)
-    if dtype == torch.float32:
-        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-    else:
-        # bf16: the residual W - s*BA is rounded to bf16 again; allow a few times the error bf16
-        # itself makes against the fp32 model, and never more than a few percent.
-        bf16_noise = rel_err(before, reference_fp32)
-        assert 0 < bf16_noise < 0.05
-        assert rel_err(after, before) < max(4 * bf16_noise, 1e-3)
-        assert rel_err(after, reference_fp32) < 5 * bf16_noise
+    assert_unchanged_at_step_0(logits(peft_model, ids), before, reference_fp32, dtype)
 
 
 @pytest.mark.parametrize("init", ["olora", "pissa"])
@@ -213,14 +217,7 @@ def test_pissa_init_matches_independent_svd(family, dtype):
         else:
             torch.testing.assert_close(base.float(), expected, rtol=2**-7, atol=1e-4)
 
-    after = logits(peft_model, ids)
-    if dtype == torch.float32:
-        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-    else:
-        bf16_noise = rel_err(before, reference_fp32)
-        assert 0 < bf16_noise < 0.05
-        assert rel_err(after, before) < max(4 * bf16_noise, 1e-3)
-        assert rel_err(after, reference_fp32) < 5 * bf16_noise
+    assert_unchanged_at_step_0(logits(peft_model, ids), before, reference_fp32, dtype)
     assert peft_model.peft_config["default"].init_lora_weights == "pissa"
 
 

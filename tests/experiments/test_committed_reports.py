@@ -14,7 +14,7 @@ import pytest
 
 from oloraplus.cli import main
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "results"
 pytestmark = pytest.mark.slow  # matplotlib figures for every committed grid
 GRIDS = sorted(p.parent.name for p in RESULTS.glob("*/report.md"))
 TABLES = ("report.md", "results.csv", "tables.tex")

@@ -9,6 +9,7 @@ from dataclasses import asdict, fields
 
 import pytest
 import yaml
+from conftest import assert_one_error_line
 from transformers.utils import logging as hf_logging
 
 import oloraplus.experiments.grid as grid
@@ -37,16 +38,7 @@ def resolved(argv: list[str], capsys) -> TrainConfig:
 
 
 def assert_one_line_error(argv: list[str], capsys, *needles: str) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
+    return assert_one_error_line(argv, capsys, *needles)
 
 
 def flag(name: str) -> str:
@@ -80,15 +72,16 @@ def test_defaults_come_from_the_dataclass(capsys):
 
 def test_flag_spellings_and_types(capsys):
     config = resolved(["--output", "o", "--method", "olora-plus", "--ratio", "1/16", "--n_train", "7",
-                       "--max-new-tokens", "9", "--no-progress", "--no-group-by-length", "--compile", "--no-fast",
+                       "--max-new-tokens", "9", "--no-progress", "--no-group-by-length", "--compile",
                        "--overwrite", "--target-modules", "q_proj", "v_proj", "--alpha", "8"], capsys)
     assert config.ratio == 0.0625 and type(config.ratio) is float
     assert (config.n_train, config.max_new_tokens, config.alpha) == (7, 9, 8.0)
     assert (config.progress, config.group_by_length, config.compile, config.fast, config.overwrite) == (
-        False, False, True, False, True)
+        False, False, True, True, True)
     assert config.target_modules == ["q_proj", "v_proj"]
-    config = resolved(["--output", "o", "--method", "olora", "--fast", "--compile", "false", "--resume"], capsys)
-    assert (config.fast, config.compile, config.resume) == (True, False, True)
+    config = resolved(["--output", "o", "--method", "olora", "--no-fast", "--compile", "false", "--resume"], capsys)
+    assert (config.fast, config.compile, config.resume) == (False, False, True)
+    assert resolved(["--output", "o", "--method", "olora", "--fast"], capsys).fast is True
 
 
 def test_method_choices_are_the_registry(capsys):
