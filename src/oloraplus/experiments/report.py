@@ -5,10 +5,13 @@ paper's printed numbers, plus paired OLoRA+ - OLoRA differences with 95% t inter
 ``results.csv``, ``tables.tex``, ``figure_metrics.png`` (the paper's Figure 3) and, when a model
 was run at more than two ratios, ``figure_ratio.png`` (each metric against log2 lambda).
 
-Why paired differences: the paper reports gaps of 0.01-0.3 points without any spread. Seeds
-change the adapter initialisation noise and the batch order but not the data split, so the
-baseline and OLoRA+ runs of one seed are paired, and the seed-to-seed variation of their
-difference says whether a gap is larger than run-to-run noise.
+Why paired differences: the paper reports gaps of 0.01-0.3 points without any spread. In these
+grids a seed changes the batch order only: OLoRA's start is a deterministic function of the base
+weights (PEFT's default LoRA init does draw A at random from the seed), and the data split and the
+eval set are fixed by ``data_seed``, which a grid shares across seeds. So the baseline and OLoRA+
+runs of one seed are paired, and the seed-to-seed variation of their difference says whether a gap
+is larger than batch-order noise; it says nothing about another split or eval set. No correction
+for the number of tests is applied here (results/tuned/ uses Holm).
 
 The report is deterministic: the same ``runs.jsonl`` gives a byte-identical ``report.md``
 (no timestamps; models, arms and seeds are sorted). Nothing here imports torch.
