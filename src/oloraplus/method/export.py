@@ -103,16 +103,13 @@ def to_standard_lora(
     is rebuilt with the factor function of ``config.init_lora_weights`` in ``INITS``. Returns the
     new tensors (float32) and a copy of ``config`` with r, alpha and the init changed to match.
     """
-    import copy
-
-    if config.rank_pattern or config.alpha_pattern:
-        raise UserError(f"{where}: rank_pattern/alpha_pattern adapters are not supported by export")
+    _check_convertible(config, where)
     init_name = init_for_peft_value(config.init_lora_weights)
     factors = INITS[init_name].factors if init_name else None
     if factors is None:
         raise UserError(f"{where}: init_lora_weights={config.init_lora_weights!r} has no start to convert")
     scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)  # PEFT's scaling
-    converted = dict(weights)
+    start: dict[str, torch.Tensor] = {}
     for key, a_t in weights.items():
         if not key.endswith(".lora_A.weight"):
             continue
@@ -121,15 +118,76 @@ def to_standard_lora(
         module = _base_linear(base, prefix, where)
         if b_t is None or a_t.shape[1] != module.in_features or b_t.shape[0] != module.out_features:
             raise UserError(f"{where} does not fit this model: layer {_module_path(prefix)} has another shape")
-        rank = a_t.shape[0]
-        b_0, a_0 = factors(module.weight, rank, scale)
-        converted[key] = torch.cat([a_t.float(), a_0], dim=0)
-        converted[prefix + ".lora_B.weight"] = torch.cat([b_t.float(), -b_0], dim=1)
+        b_0, a_0 = factors(module.weight, a_t.shape[0], scale)
+        start[key], start[prefix + ".lora_B.weight"] = a_0, b_0
+    return lora_from_start(weights, start, config, where)
+
+
+@torch.no_grad()
+def lora_from_start(
+    weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor], config, where: str = "adapter"
+) -> tuple[dict[str, torch.Tensor], object]:
+    """The rank-2r standard LoRA A' = [A_T; A_0], B' = [B_T, -B_0] from the trained factors
+    ``weights`` and the start factors ``start`` (same PEFT names, e.g. from :func:`start_factors`).
+
+    Needs no base model: training keeps the start it applied, so this is exact (up to float32
+    rounding) without recomputing the QR or SVD. Returns the new tensors and config as
+    :func:`to_standard_lora` does.
+    """
+    import copy
+
+    _check_convertible(config, where)
+    converted = dict(weights)
+    for key, a_t in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        b_key = key[: -len(".lora_A.weight")] + ".lora_B.weight"
+        if b_key not in weights or key not in start or b_key not in start:
+            raise UserError(f"{where}: no start factors for layer {_module_path(key[: -len('.lora_A.weight')])}")
+        converted[key] = torch.cat([a_t.float(), start[key].float().cpu()], dim=0)
+        converted[b_key] = torch.cat([weights[b_key].float(), -start[b_key].float().cpu()], dim=1)
     new = copy.deepcopy(config)
     new.init_lora_weights = True
     new.r = 2 * config.r
     new.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)  # same scale s
     return converted, new
+
+
+@torch.no_grad()
+def start_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A float32 CPU copy of a PEFT model's LoRA factors under their saved names: call it right after
+    the init, before training, to keep the start B_0, A_0 for :func:`write_standard_lora`."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()
+            if ".lora_A." in k or ".lora_B." in k}
+
+
+def write_standard_lora(adapter_dir: str | Path, dest: str | Path, start: dict[str, torch.Tensor]) -> Path:
+    """Write the saved adapter ``adapter_dir`` as a standard LoRA adapter into the new folder ``dest``.
+
+    An OLoRA or PiSSA adapter is converted with its start factors ``start`` (:func:`start_factors`
+    taken before training) by :func:`lora_from_start`; an adapter with a standard init is copied.
+    ``dest`` must lie inside an output that is being staged (``oloraplus train`` writes
+    ``RUN/adapter-lora`` into its staged run folder).
+    """
+    from peft import LoraConfig
+
+    adapter_dir, dest = Path(adapter_dir), Path(dest)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    init_name = init_for_peft_value(config.init_lora_weights)
+    if init_name is None or INITS[init_name].factors is None:  # B_0 = 0: already standard
+        shutil.copytree(adapter_dir, dest)
+        return dest
+    weights, new = lora_from_start(load_adapter_weights(adapter_dir), start, config, where=str(adapter_dir))
+    dest.mkdir(parents=True)
+    _save_adapter(dest, weights, new)
+    return dest
+
+
+def _check_convertible(config, where: str) -> None:
+    if config.rank_pattern or config.alpha_pattern:
+        raise UserError(f"{where}: rank_pattern/alpha_pattern adapters are not supported by export")
 
 
 def merge_lora(base: torch.nn.Module, weights: dict[str, torch.Tensor], config) -> torch.nn.Module:

@@ -31,32 +31,22 @@ from oloraplus.method.loss import response_loss
 from oloraplus.method.optim import create_optimizer
 
 
-class OLoRAPlusTrainer(Trainer):
-    """A Trainer whose optimiser gives ``lora_B`` the learning rate ``ratio * args.learning_rate``.
+class LoRAPlusOptimizerMixin:
+    """The LoRA+ optimiser for any ``transformers.Trainer`` subclass: put it first in the bases
+    (``class T(LoRAPlusOptimizerMixin, SomeTrainer)``) and the optimiser that ``create_optimizer``
+    builds gives ``lora_B`` the learning rate ``ratio * args.learning_rate``.
 
-    ``ratio`` may be given in three places: this constructor, ``args.ratio``
-    (:class:`OLoRAPlusTrainingArguments`; ``None`` there means not given) and the
-    :class:`~oloraplus.method.adapters.OLoRAPlusConfig` that ``apply_adapters`` recorded on the
-    model. Every given value must agree (else :class:`UserError` naming both places); none
-    given means 1. The learning rate and weight decay are ``args.learning_rate`` and
-    ``args.weight_decay``. ``TrainingArguments`` cannot tell its defaults from chosen values, so
-    those two always count as given: an ``lr`` or ``weight_decay`` in the model's config must
-    equal them, or the constructor raises :class:`UserError`; a value set in the config is thus
-    either the one the optimiser uses or an error, never silently replaced by the Trainer's
-    default. The optimiser class is AdamW with the Trainer's betas and epsilon.
-
-    With ``head_on_labels_only=True`` the LM head and the loss are computed only at positions
-    that predict a label (labels != -100): the same loss, much less work when prompts are long
-    or the vocabulary is large.
+    The constructor takes ``ratio=`` (keyword) and passes everything else on; the ratio is then
+    resolved as :class:`OLoRAPlusTrainer` describes. :class:`OLoRAPlusTrainer` and
+    ``oloraplus.method.trl.OLoRAPlusSFTTrainer`` (TRL's ``SFTTrainer``) are built from it.
     """
 
-    def __init__(self, *args, ratio: float | None = None, head_on_labels_only: bool = False, **kwargs):
+    # How error messages name the constructor that was given ``ratio=``.
+    ratio_source = "OLoRAPlusTrainer"
+
+    def __init__(self, *args, ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ratio = _resolve_settings(self.model, self.args, ratio)
-        self.head_on_labels_only = head_on_labels_only
-        kill_at = os.environ.get(KILL_AT_STEP_ENV)
-        if kill_at:
-            self.add_callback(_KillAtStep(int(kill_at)))
+        self.ratio = _resolve_settings(self.model, self.args, ratio, self.ratio_source)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -77,6 +67,33 @@ class OLoRAPlusTrainer(Trainer):
                     "(FSDP: set fsdp_config use_orig_params=true)"
                 )
         return self.optimizer
+
+
+class OLoRAPlusTrainer(LoRAPlusOptimizerMixin, Trainer):
+    """A Trainer whose optimiser gives ``lora_B`` the learning rate ``ratio * args.learning_rate``.
+
+    ``ratio`` may be given in three places: this constructor, ``args.ratio``
+    (:class:`OLoRAPlusTrainingArguments`; ``None`` there means not given) and the
+    :class:`~oloraplus.method.adapters.OLoRAPlusConfig` that ``apply_adapters`` recorded on the
+    model. Every given value must agree (else :class:`UserError` naming both places); none
+    given means 1. The learning rate and weight decay are ``args.learning_rate`` and
+    ``args.weight_decay``. ``TrainingArguments`` cannot tell its defaults from chosen values, so
+    those two always count as given: an ``lr`` or ``weight_decay`` in the model's config must
+    equal them, or the constructor raises :class:`UserError`; a value set in the config is thus
+    either the one the optimiser uses or an error, never silently replaced by the Trainer's
+    default. The optimiser class is AdamW with the Trainer's betas and epsilon.
+
+    With ``head_on_labels_only=True`` the LM head and the loss are computed only at positions
+    that predict a label (labels != -100): the same loss, much less work when prompts are long
+    or the vocabulary is large.
+    """
+
+    def __init__(self, *args, ratio: float | None = None, head_on_labels_only: bool = False, **kwargs):
+        super().__init__(*args, ratio=ratio, **kwargs)
+        self.head_on_labels_only = head_on_labels_only
+        kill_at = os.environ.get(KILL_AT_STEP_ENV)
+        if kill_at:
+            self.add_callback(_KillAtStep(int(kill_at)))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One forward/backward; stop at once on a NaN or infinite loss.
@@ -121,14 +138,14 @@ class OLoRAPlusTrainer(Trainer):
         return loss
 
 
-def _resolve_settings(model, args, ratio: float | None) -> float:
+def _resolve_settings(model, args, ratio: float | None, constructor: str = "OLoRAPlusTrainer") -> float:
     """The ratio every given source agrees on (1 if none gives one); check lr and weight decay.
 
     Raises :class:`UserError` naming both sources when two given values differ.
     """
     settings = adapter_settings(model) if model is not None else None
     given = [(source, value) for source, value in (
-        (f"OLoRAPlusTrainer(ratio={ratio})", ratio),
+        (f"{constructor}(ratio={ratio})", ratio),
         (f"{type(args).__name__}(ratio={getattr(args, 'ratio', None)})", getattr(args, "ratio", None)),
         (f"the model's OLoRAPlusConfig(ratio={getattr(settings, 'ratio', None)})", getattr(settings, "ratio", None)),
     ) if value is not None]

@@ -26,6 +26,7 @@ from oloraplus.method.registry import METHODS, get_method, plus_method
 from oloraplus.models.registry import DEFAULT_MODEL
 from oloraplus.training.distributed import per_device_batch_size
 from oloraplus.training.runtime import PRECISIONS
+from oloraplus.training.tracking import LR_SCHEDULERS, REPORT_TO, check_backend
 
 
 class Ratio(float):
@@ -74,7 +75,9 @@ class TrainConfig:
     lr: float = _setting(3e-4, "learning rate lr_A; lr_B = ratio * lr_A")
     weight_decay: float = _setting(0.0, "AdamW weight decay")
     epochs: float = _setting(1, "passes over the training records (fractions allowed)")
-    batch_size: int = _setting(8, "global batch size (split evenly across the processes under torchrun)")
+    batch_size: int = _setting(8, "global batch size of each forward/backward pass (split evenly across the "
+                               "processes under torchrun); an optimiser step sees --batch-size x --grad-accum "
+                               "records")
     n_train: int = _setting(1000, "training records drawn from --data")
     n_eval: int = _setting(500, "evaluation records, disjoint from the training ones")
     data_seed: int = _setting(42, "seed of the train/eval split (the same seed gives the same records)")
@@ -117,6 +120,20 @@ class TrainConfig:
                                                 "MLP Linear)", metavar="NAME")
     resume_weights_only: bool = _setting(False, "with --resume: accept a checkpoint without optimizer state "
                                          "(the optimizer and lr schedule restart: not an exact resume)")
+    export: bool = _setting(True, "also write OUTPUT/adapter-lora, the adapter as a standard LoRA for the "
+                            "untouched base model; --no-export: only OUTPUT/adapter")
+    grad_accum: int = _setting(1, "gradient accumulation: each optimiser step sums the gradients of N batches of "
+                               "--batch-size records (the loss is weighted by response tokens over all N), so a "
+                               "step sees --batch-size x N records", metavar="N")
+    warmup_ratio: float = _setting(0.0, "linear learning-rate warmup over this fraction of the optimiser steps, "
+                                   "in [0, 1) (0: no warmup)", metavar="R")
+    lr_scheduler: str = _setting("linear", "learning-rate schedule after the warmup: linear or cosine decay to 0, "
+                                 "or constant; lr_B stays ratio x lr_A throughout", choices=LR_SCHEDULERS)
+    gradient_checkpointing: bool = _setting(False, "recompute each decoder layer's activations in the backward "
+                                            "pass (less memory, more compute; same loss and gradients)")
+    report_to: str = _setting("none", "log train loss, lr_A, lr_B, validation loss and adapter drift to "
+                              "TensorBoard (OUTPUT/logs), MLflow or Weights & Biases; each needs its extra, "
+                              "e.g. pip install 'oloraplus[tensorboard]'", choices=REPORT_TO)
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, Ratio):  # as parsed from a flag: store the plain float
@@ -174,7 +191,17 @@ class TrainConfig:
             per_device_batch_size(self.batch_size)  # --batch-size is the global batch under torchrun
         if names >= {"rank", "alpha", "dropout", "weight_decay", "method"}:
             self.adapter_config()  # dropout and weight decay, checked now rather than after loading the model
-        for name, choices in (("attention", ATTENTIONS), ("metrics_mode", METRIC_MODES), ("precision", PRECISIONS)):
+        if "grad_accum" in names:
+            check_positive("grad-accum", self.grad_accum, integer=True)
+        if "warmup_ratio" in names and not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio must be in [0, 1) (a fraction of the optimiser steps), got "
+                            f"{self.warmup_ratio}")
+        if "report_to" in names:
+            check_backend(self.report_to)  # unknown value, or its package not installed
+        if {"gradient_checkpointing", "compile"} <= names and self.gradient_checkpointing and self.compile:
+            raise UserError("--gradient-checkpointing does not combine with --compile; drop one of them")
+        for name, choices in (("attention", ATTENTIONS), ("metrics_mode", METRIC_MODES), ("precision", PRECISIONS),
+                               ("lr_scheduler", LR_SCHEDULERS)):
             if name in names and getattr(self, name) not in choices:
                 raise UserError(f"unknown {name.replace('_', ' ')} '{getattr(self, name)}': choose one of "
                                 f"{', '.join(choices)}")
@@ -199,7 +226,8 @@ class TrainConfig:
 # Flags that change where, how fast or what is observed, not the results: a resumed run (or a
 # resumed grid) may change them.
 RESULT_NEUTRAL_FLAGS = frozenset({"output", "overwrite", "resume", "progress", "save_steps", "track_dynamics",
-                                  "eval_batch_size", "generation_batch_size", "attention", "compile"})
+                                  "eval_batch_size", "generation_batch_size", "attention", "compile",
+                                  "export", "gradient_checkpointing", "report_to"})
 
 # The fields ``oloraplus evaluate`` takes (it re-evaluates a saved adapter: no training settings).
 EVALUATE_FIELDS = ("output", "model", "data", "n_train", "n_eval", "data_seed", "max_length", "max_new_tokens",

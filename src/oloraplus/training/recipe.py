@@ -27,6 +27,8 @@ from oloraplus.fast.precision import prepare_for_compute
 from oloraplus.fast.trainer import FastTrainerMixin
 from oloraplus.files import write_json_atomic, write_text_atomic
 from oloraplus.method.adapters import apply_olora
+from oloraplus.method.card import write_model_card
+from oloraplus.method.export import start_factors, write_standard_lora
 from oloraplus.method.identity import check_adapter_identity, model_fingerprint, write_adapter_identity
 from oloraplus.method.optim import optimizer_groups
 from oloraplus.method.registry import METHODS
@@ -54,6 +56,14 @@ from oloraplus.training.distributed import (
 from oloraplus.training.integrity import check_data
 from oloraplus.training.provenance import library_versions
 from oloraplus.training.runtime import default_device, merged_for_eval, resolve_precision
+from oloraplus.training.tracking import (
+    LOGS_FOLDER,
+    attach_tracking,
+    schedule_text,
+    scheduler_type,
+    trainer_report_to,
+    warmup_steps_arg,
+)
 from oloraplus.training.validation import VAL_LOSS, ValidationCallback, val_log
 
 if TYPE_CHECKING:
@@ -98,6 +108,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
     set_seed(config.seed)
     t = time.perf_counter()
     model = apply_olora(model, config.adapter_config())
+    start = start_factors(model) if config.export else None  # B_0, A_0 for adapter-lora
     timings["init"] = time.perf_counter() - t
     if config.fast:  # the plain path trains the model as PEFT built it
         prepare_for_compute(model, precision, device)
@@ -105,10 +116,11 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
             compile_layers(model, device)
 
     trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
+    dynamics = None
     if config.track_dynamics:
         from oloraplus.analysis.dynamics import attach_dynamics
 
-        attach_dynamics(trainer, config.track_dynamics, out / "dynamics.jsonl")
+        dynamics = attach_dynamics(trainer, config.track_dynamics, out / "dynamics.jsonl")
     if split.val:  # first, so that the callbacks below see each validation loss
         validation = ValidationCallback(val_examples, tokenizer.pad_token_id, config.eval_steps, precision, device,
                                         config.eval_batch_size, config.fast)
@@ -116,6 +128,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
         trainer.add_callback(validation)
     for callback in callbacks:
         trainer.add_callback(callback)
+    attach_tracking(trainer, config.report_to, out / LOGS_FOLDER, dynamics)  # --report-to: after the others
     t = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     timings["train"] = time.perf_counter() - t
@@ -128,6 +141,9 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
 
         model.save_pretrained(out / "adapter")
         write_adapter_identity(out / "adapter", base_fingerprint, config.model)
+        if config.export:  # the same model as a standard LoRA on the untouched base (export --to lora)
+            write_standard_lora(out / "adapter", out / "adapter-lora", start)
+            write_adapter_identity(out / "adapter-lora", base_fingerprint, config.model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if config.evaluate:
             metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
@@ -159,7 +175,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
                 "tokens_per_second": (_tokens_seen(train_examples, steps - checkpoint_step(resume_from), config)
                                       / timings["train"]) if timings["train"] > 0 else None,
                 "log": [row for row in trainer.state.log_history if "loss" in row],
-                "lr_schedule": "linear decay, no warmup (Trainer default)",
+                "lr_schedule": schedule_text(config.lr_scheduler, config.warmup_ratio,
+                                             trainer.args.get_warmup_steps(trainer.state.max_steps)),
                 "trainable_parameters": trainable,
                 "processes": world_size(),
                 "per_device_batch_size": per_device_batch_size(config.batch_size),
@@ -170,15 +187,26 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
             "timings_seconds": timings,
             "versions": library_versions(),
         }
+        write_cards(out, config, base_fingerprint, split.provenance, metrics)
         write_json_atomic(out / "results.json", results)  # last: its presence marks the run complete
         finish_output(config.output)  # an --overwrite run replaces the old output only now
         return results
 
 
+def write_cards(out: Path, config: TrainConfig, base_fingerprint: str, provenance: dict, metrics: dict) -> None:
+    """A model card (README.md) in ``adapter/`` and, if written, ``adapter-lora/`` (``method.card``)."""
+    fields = dict(base_model=config.model, base_fingerprint=base_fingerprint, method=config.method,
+                  init=METHODS[config.method].init, ratio=config.lam, lr=config.lr,
+                  data_source=provenance["source"], data_sha256=provenance["sha256"], metrics=metrics)
+    write_model_card(out / "adapter", "adapter", **fields)
+    if (out / "adapter-lora").is_dir():
+        write_model_card(out / "adapter-lora", "lora", **fields)
+
+
 def _tokens_seen(examples: list[Example], steps: int, config: TrainConfig) -> int:
     """Non-pad tokens processed in training (whole epochs plus the partial one)."""
     per_epoch = sum(len(e.input_ids) for e in examples)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps_per_epoch = math.ceil(len(examples) / (config.batch_size * config.grad_accum))
     return int(per_epoch * steps / steps_per_epoch) if steps_per_epoch else 0
 
 
@@ -191,12 +219,13 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
     args = OLoRAPlusTrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=per_device_batch_size(config.batch_size),  # --batch-size is global
+        gradient_accumulation_steps=config.grad_accum,  # a step: --batch-size x --grad-accum records
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
+        lr_scheduler_type=scheduler_type(config.lr_scheduler, config.warmup_ratio),
+        warmup_steps=warmup_steps_arg(config.warmup_ratio),
         seed=config.seed,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
@@ -206,13 +235,16 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         save_total_limit=2,
-        report_to=[],
+        report_to=trainer_report_to(config.report_to),  # wired up in train() (training.tracking)
         logging_steps=10,
         remove_unused_columns=False,
         disable_tqdm=not config.progress,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used in each forward
         ratio=config.lam,
+        # --gradient-checkpointing: non-reentrant, so the frozen inputs need no requires_grad
+        **({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+           if config.gradient_checkpointing else {}),
     )
     # --no-fast: the plain OLoRAPlusTrainer, the Trainer's own sampler, the model's own loss from labels
     trainer = (RecipeTrainer if config.fast else OLoRAPlusTrainer)(
