@@ -395,9 +395,9 @@ def run(argv: list[str] | None = None) -> int:
 
         print(f"wrote {export_adapter(args.model, args.adapter, args.to, args.output, args.overwrite)}")
     elif args.command == "generate":
-        from oloraplus.training.generate import GenerateSettings, generate_command
-
         from transformers.utils import logging as hf_logging
+
+        from oloraplus.training.generate import GenerateSettings, generate_command
 
         hf_logging.disable_progress_bar()  # stdout/stderr hold the answers and errors only
         settings = GenerateSettings(**{f.name: getattr(args, f.name) for f in fields(GenerateSettings)})

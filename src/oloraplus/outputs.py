@@ -486,3 +486,22 @@ def _release(claim: _Claim) -> None:
     with contextlib.suppress(OSError):
         os.close(claim.lock_fd)
     claim.lock_fd = None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path):
+    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for any other holder.
+
+    For work that a second process should wait for and then reuse rather than redo or refuse (a
+    model conversion into the shared cache). The kernel drops the lock when its process dies.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -247,3 +247,18 @@ def test_untruncated_stats(tiny_tokenizer):
     examples, stats = tokenize_records(make_records(4), tiny_tokenizer, max_length=512)
     assert (stats.records, stats.truncated, stats.dropped) == (4, 0, 0)
     assert [e.index for e in examples] == [0, 1, 2, 3]
+
+
+def test_alpaca_csv_and_jsonl_give_the_records_of_the_json_file(records_file, tmp_path):
+    import csv
+
+    records = make_records(40)
+    with (tmp_path / "d.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(records)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sources = [load_records(str(p)) for p in (records_file, tmp_path / "d.csv", tmp_path / "d.jsonl")]
+    assert all(s.records == records for s in sources)
+    assert len({s.records_sha256 for s in sources}) == 1 and len({s.sha256 for s in sources}) == 3
+    assert len({tuple(split_records(s, 16, 8).train_indices) for s in sources}) == 1

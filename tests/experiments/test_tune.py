@@ -308,3 +308,15 @@ def test_a_pruned_trial_stops_training_and_leaves_no_finished_run(tiny_checkpoin
         train(config, callbacks=[PruningCallback(trial)])
     assert [step for step, _ in trial.reported] == [1]
     assert not (out / "results.json").exists()
+
+
+def test_a_study_from_before_a_new_train_setting_resumes_only_at_that_settings_default():
+    """A study keeps working when TrainConfig gains a field later, as long as the field is left at
+    its default (what the study's trials ran with); set otherwise, it is a difference."""
+    from oloraplus.experiments.tune import _differences
+
+    stored = {"method": "olora", "train": {"rank": 32}}
+    assert _differences(stored, {"method": "olora", "train": {"rank": 32, "format": "auto"}}) == []
+    assert _differences(stored, {"method": "olora", "train": {"rank": 32, "format": "chat"}}) == [
+        "train.format: None there, 'chat' now"]
+    assert _differences(stored, {"method": "olora", "train": {"rank": 16}}) == ["train.rank: 32 there, 16 now"]

@@ -7,6 +7,7 @@ are the same whatever ``n_val`` is, and ``n_val = 0`` gives exactly the split wi
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -77,5 +78,10 @@ def check_n_val(n_val: int, n_train: int) -> None:
 
 def eval_in_train(records: list[dict], train_idx: list[int], eval_idx: list[int]) -> int:
     """How many eval records have the same content as a training record (duplicates in the file)."""
-    seen = {tuple(records[i].get(k) for k in FIELDS) for i in train_idx}
-    return sum(tuple(records[i].get(k) for k in FIELDS) in seen for i in eval_idx)
+    seen = {_content(records[i]) for i in train_idx}
+    return sum(_content(records[i]) in seen for i in eval_idx)
+
+
+def _content(record: dict) -> str:
+    """A record's content as one comparable value (Alpaca: its three fields; any format: all its keys)."""
+    return json.dumps(record if set(record) - set(FIELDS) else {k: record.get(k) for k in FIELDS}, sort_keys=True)

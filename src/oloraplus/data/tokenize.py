@@ -1,10 +1,11 @@
-"""Records to token ids: prompt tokens (unscored, label -100) then response tokens and EOS."""
+"""Records to token ids: prompt tokens (unscored, label -100) then response tokens and EOS (each format's
+``render`` in ``data.formats``), cut at ``--max-length``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from oloraplus.data.records import format_prompt
+from oloraplus.data.formats import FORMATS
 from oloraplus.errors import UserError, check_positive, warn
 
 
@@ -19,14 +20,10 @@ class Example:
     index: int = -1  # position of the record in the list it came from
 
 
-def tokenize_record(record: dict, tokenizer, max_length: int, index: int = -1) -> Example:
-    prompt_ids = tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    response_ids = response_ids + [tokenizer.eos_token_id]
-    ids = prompt_ids + response_ids
-    labels = [-100] * len(prompt_ids) + response_ids
+def tokenize_record(record: dict, tokenizer, max_length: int, index: int = -1, format: str = "alpaca") -> Example:
+    ids, labels, prompt_len = FORMATS[format].render(record, tokenizer)
     truncated = len(ids) > max_length
-    return Example(ids[:max_length], labels[:max_length], min(len(prompt_ids), max_length), truncated, index)
+    return Example(ids[:max_length], labels[:max_length], min(prompt_len, max_length), truncated, index)
 
 
 @dataclass
@@ -41,10 +38,11 @@ class TokenStats:
         return asdict(self)
 
 
-def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[list[Example], TokenStats]:
-    """Tokenise records; drop those whose response was cut away entirely."""
+def tokenize_records(records: list[dict], tokenizer, max_length: int,
+                     format: str = "alpaca") -> tuple[list[Example], TokenStats]:
+    """Tokenise records of ``format``; drop those whose response was cut away entirely (counted)."""
     check_positive("max_length", max_length, integer=True)
-    examples = [tokenize_record(r, tokenizer, max_length, i) for i, r in enumerate(records)]
+    examples = [tokenize_record(r, tokenizer, max_length, i, format) for i, r in enumerate(records)]
     kept = [e for e in examples if any(label != -100 for label in e.labels)]
     stats = TokenStats(
         records=len(examples),

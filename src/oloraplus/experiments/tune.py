@@ -265,9 +265,16 @@ def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
         a, b = stored.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b and not (key not in stored and prefix):  # a setting newer than the study: its default
+        elif a != b and not (key not in stored and prefix == "train." and b == _default(key)):
+            # a train setting newer than the study, at its default: what the study's trials ran with
             out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
     return out
+
+
+def _default(name: str):
+    """The default of a TrainConfig field (None for a name it does not have)."""
+    field_ = {f.name: f for f in fields(TrainConfig)}.get(name)
+    return None if field_ is None else field_.default
 
 
 class _OverBudget(Exception):

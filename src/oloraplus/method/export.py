@@ -164,7 +164,7 @@ def start_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_standard_lora(adapter_dir: str | Path, dest: str | Path, start: dict[str, torch.Tensor]) -> Path:
-    """Write the saved adapter ``adapter_dir`` as a standard LoRA adapter into the new folder ``dest``.
+    """Write the saved adapter ``adapter_dir`` as a standard LoRA adapter into the folder ``dest`` (replaced).
 
     An OLoRA or PiSSA adapter is converted with its start factors ``start`` (:func:`start_factors`
     taken before training) by :func:`lora_from_start`; an adapter with a standard init is copied.
@@ -175,6 +175,8 @@ def write_standard_lora(adapter_dir: str | Path, dest: str | Path, start: dict[s
 
     adapter_dir, dest = Path(adapter_dir), Path(dest)
     config = LoraConfig.from_pretrained(str(adapter_dir))
+    # A resumed run may find the one its killed predecessor wrote: replaced, as adapter/ is.
+    shutil.rmtree(dest, ignore_errors=True)
     init_name = init_for_peft_value(config.init_lora_weights)
     if init_name is None or INITS[init_name].factors is None:  # B_0 = 0: already standard
         shutil.copytree(adapter_dir, dest)

@@ -17,7 +17,7 @@ import torch
 
 from oloraplus.errors import UserError
 from oloraplus.models.registry import DEFAULT_MODEL, REGISTRY, ModelSpec
-from oloraplus.outputs import check_home, check_writable, home_cache
+from oloraplus.outputs import check_home, check_writable, home_cache, waiting_lock
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -63,13 +63,24 @@ def _package_gguf(spec: ModelSpec) -> Path:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Dequantize a GGUF file into a plain fp32 safetensors checkpoint with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file into a plain fp32 safetensors checkpoint with its tokenizer.
 
+    Two processes converting into the same ``out_dir`` (two runs started at once on a fresh cache)
+    take turns: the second waits for the first and reuses its folder.
+    """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     home = oloraplus_home()
     where = f"OLORAPLUS_HOME {home}" if home.resolve() in out_dir.resolve().parents else f"model folder {out_dir}"
     check_writable(out_dir.parent, where)  # before the (long) conversion, not after it
+    with waiting_lock(out_dir.with_name(f".{out_dir.name}.lock")):
+        if (out_dir / "config.json").exists():  # converted by the process we waited for
+            return out_dir
+        return _convert_gguf(gguf_path, out_dir)
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from oloraplus.analysis.drift import REFERENCES
+from oloraplus.data.formats import FORMAT_CHOICES, template_slots
 from oloraplus.data.records import DEFAULT_DATA
 from oloraplus.data.split import check_n_val
 from oloraplus.errors import UserError, check_positive
@@ -63,7 +64,18 @@ class TrainConfig:
 
     output: str = _setting(help="run folder to write")
     model: str = _setting(DEFAULT_MODEL, "registry name, hub id, checkpoint folder or .gguf file")
-    data: str = _setting(DEFAULT_DATA, "Alpaca .json/.jsonl file or hub dataset id (e.g. tatsu-lab/alpaca)")
+    data: str = _setting(DEFAULT_DATA, ".json/.jsonl/.csv/.parquet file or hub dataset id (e.g. tatsu-lab/alpaca); "
+                         "default: $OLORAPLUS_DATA, else the local Alpaca file, else the hub's tatsu-lab/alpaca")
+    format: str = _setting("auto", "data format: alpaca (instruction/input/output), prompt-completion (--prompt-field, "
+                           "--response-field, --template) or chat (a messages list, the tokenizer's chat template); "
+                           "auto: detected from the records", choices=FORMAT_CHOICES)
+    prompt_field: str | None = _setting(None, "prompt-completion: the prompt column (default: prompt)",
+                                        metavar="COLUMN")
+    response_field: str | None = _setting(None, "prompt-completion: the response column (default: completion)",
+                                          metavar="COLUMN")
+    template: str | None = _setting(None, "prompt-completion: the prompt built from columns, e.g. "
+                                    "'Q: {question}\\nA: ' (instead of --prompt-field)", metavar="TEXT")
+    split: str = _setting("train", "the split of a hub dataset --data")
     # choices: a live view of the registry, so methods registered later are accepted too
     method: str = _setting("olora-plus", "adapter init and optimiser rule; the -plus methods train B at "
                            "--ratio times the learning rate of A", choices=METHODS.keys(), required=True)
@@ -200,6 +212,16 @@ class TrainConfig:
             check_backend(self.report_to)  # unknown value, or its package not installed
         if {"gradient_checkpointing", "compile"} <= names and self.gradient_checkpointing and self.compile:
             raise UserError("--gradient-checkpointing does not combine with --compile; drop one of them")
+        if "format" in names and self.format not in FORMAT_CHOICES:
+            raise UserError(f"unknown format '{self.format}': choose one of {', '.join(FORMAT_CHOICES)}")
+        for name in ("prompt_field", "response_field", "template"):
+            if name in names and getattr(self, name) is not None and self.format not in ("auto", "prompt-completion"):
+                raise UserError(f"--{name.replace('_', '-')} applies to --format prompt-completion, not "
+                                f"--format {self.format}")
+        if "template" in names and self.template is not None:
+            if self.prompt_field is not None:
+                raise UserError("--template builds the prompt from columns; drop --prompt-field or --template")
+            template_slots(self.template)  # a malformed template fails now, not after loading the data
         for name, choices in (("attention", ATTENTIONS), ("metrics_mode", METRIC_MODES), ("precision", PRECISIONS),
                                ("lr_scheduler", LR_SCHEDULERS)):
             if name in names and getattr(self, name) not in choices:
@@ -230,7 +252,8 @@ RESULT_NEUTRAL_FLAGS = frozenset({"output", "overwrite", "resume", "progress", "
                                   "export", "gradient_checkpointing", "report_to"})
 
 # The fields ``oloraplus evaluate`` takes (it re-evaluates a saved adapter: no training settings).
-EVALUATE_FIELDS = ("output", "model", "data", "n_train", "n_eval", "data_seed", "max_length", "max_new_tokens",
+EVALUATE_FIELDS = ("output", "model", "data", "format", "prompt_field", "response_field", "template", "split",
+                   "n_train", "n_eval", "data_seed", "max_length", "max_new_tokens",
                    "metrics_mode", "precision", "eval_batch_size", "generation_batch_size", "overwrite", "progress",
                    "fast")
 

@@ -16,6 +16,13 @@ def check_data(config, split, train=None, evaluation=None) -> None:
         check_kept(*train, "training", config.data, config.max_length)
     if evaluation is not None:
         check_kept(*evaluation, "eval", config.data, config.max_length)
+    skipped = split.provenance.get("skipped") or {}
+    if any(skipped.values()):  # left out when read (formats other than alpaca): one line with every count
+        too_long = sum(pair[1].dropped for pair in (train, evaluation) if pair is not None)
+        total = split.provenance["n_records"] + sum(skipped.values())
+        warn(f"kept {total - sum(skipped.values()) - too_long} of {total} records of {config.data}: "
+             f"{skipped.get('empty', 0)} empty, {skipped.get('missing_field', 0)} missing a field, {too_long} too "
+             f"long for --max-length {config.max_length} (counted in results.json data)")
     overlap = split.provenance.get("eval_in_train") or 0
     if overlap and train is not None:
         warn(f"{overlap} of the {len(split.eval)} eval records of {config.data} also appear among the training "

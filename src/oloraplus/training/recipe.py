@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oloraplus.data.batching import Collator, ExampleDataset
-from oloraplus.data.records import load_records
+from oloraplus.data.formats import FORMATS, load_data
 from oloraplus.data.split import split_records
 from oloraplus.data.tokenize import Example, check_kept, tokenize_records
 from oloraplus.errors import UserError
@@ -71,8 +71,12 @@ if TYPE_CHECKING:
 
 
 def load_split(config: TrainConfig):
-    source = load_records(config.data)
-    return split_records(source, config.n_train, config.n_eval, config.data_seed, config.n_val)
+    source = load_data(config.data, config.format, config.prompt_field, config.response_field, config.template,
+                       config.split)
+    split = split_records(source, config.n_train, config.n_eval, config.data_seed, config.n_val)
+    split.provenance.update(format=source.format, records_sha256=source.records_sha256,
+                            **({"skipped": source.skipped} if any(source.skipped.values()) else {}))
+    return split
 
 
 @releases_output  # a failed run leaves the old --output as it was
@@ -96,10 +100,11 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
     split = load_split(config)
     device = local_device(default_device())
     model, tokenizer, precision = load_base_model(config, device)
-    train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length)
-    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    fmt = split.provenance["format"]
+    train_examples, train_stats = tokenize_records(split.train, tokenizer, config.max_length, fmt)
+    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length, fmt)
     check_data(config, split, (train_examples, train_stats), (eval_examples, eval_stats))
-    val_examples, val_stats = tokenize_records(split.val, tokenizer, config.max_length)
+    val_examples, val_stats = tokenize_records(split.val, tokenizer, config.max_length, fmt)
     if split.val:
         check_kept(val_examples, val_stats, "validation", config.data, config.max_length)
     base_fingerprint = model_fingerprint(model)  # before the init changes the base weights
@@ -261,7 +266,8 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
 
 def run_evaluation(config, model, tokenizer, split, eval_examples):
     """Eval loss and BLEU/ROUGE on the merged model in fp32 (see ``runtime.merged_for_eval``)."""
-    references = [split.eval[e.index]["output"] for e in eval_examples]
+    reference = FORMATS[split.provenance.get("format", "alpaca")].reference  # alpaca: the output field
+    references = [reference(split.eval[e.index]) for e in eval_examples]
     metrics, predictions, details = evaluate_model(
         merged_for_eval(model),
         tokenizer,
@@ -305,7 +311,8 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     split = load_split(config)
     device = default_device()
     model, tokenizer, precision = load_base_model(config, device)
-    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length)
+    eval_examples, eval_stats = tokenize_records(split.eval, tokenizer, config.max_length,
+                                                 split.provenance["format"])
     check_data(config, split, evaluation=(eval_examples, eval_stats))
     check_adapter_identity(adapter_dir, model, config.model)  # before PEFT re-runs the init on it
     try:
