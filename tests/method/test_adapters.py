@@ -80,6 +80,13 @@ def original_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
+def base_and_logits(family: str, dtype):
+    """A tiny model, its original weights, inputs, its logits, and the same model's logits in fp32."""
+    model = tiny_model(family, dtype=dtype)
+    ids = inputs()
+    return model, original_weights(model), ids, logits(model, ids), logits(tiny_model(family), ids)  # same seed
+
+
 def peft_key(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
@@ -87,11 +94,7 @@ def peft_key(name: str) -> str:
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_olora_init_matches_independent_qr(family, dtype):
-    model = tiny_model(family, dtype=dtype)
-    weights = original_weights(model)
-    ids = inputs()
-    before = logits(model, ids)
-    reference_fp32 = logits(tiny_model(family), ids)  # same seed, so the same weights in fp32
+    model, weights, ids, before, reference_fp32 = base_and_logits(family, dtype)
 
     peft_model = apply_olora(model, OLoRAPlusConfig(rank=RANK, alpha=ALPHA))
     layers = lora_layers(peft_model)
@@ -178,11 +181,7 @@ def same_signs(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pissa_init_matches_independent_svd(family, dtype):
-    model = tiny_model(family, dtype=dtype)
-    weights = original_weights(model)
-    ids = inputs()
-    before = logits(model, ids)
-    reference_fp32 = logits(tiny_model(family), ids)
+    model, weights, ids, before, reference_fp32 = base_and_logits(family, dtype)
 
     peft_model = apply_adapters(model, OLoRAPlusConfig(rank=RANK, alpha=ALPHA, init="pissa"))
     layers = lora_layers(peft_model)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_error_line
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_error_line
 from oloraplus.cli import main
 from oloraplus.data.records import format_prompt
 from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import TrainerCallback
 from conftest import assert_one_error_line, tiny_model
+from transformers import TrainerCallback
 
 from oloraplus.training.config import TrainConfig
 from oloraplus.training.recipe import build_trainer, train

@@ -68,6 +68,18 @@ def one_error(argv, capsys, needle: str) -> str:
     return assert_one_error_line(argv, capsys, needle)
 
 
+def unwritable(monkeypatch, folder: Path, error: OSError) -> None:
+    """Make the write probe in ``folder`` fail with ``error`` (root can write anywhere, so a chmod can't)."""
+    real_mkstemp = oloraplus.outputs.tempfile.mkstemp
+
+    def failing(*args, dir=None, **kwargs):
+        if Path(dir) == folder:
+            raise error
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(oloraplus.outputs.tempfile, "mkstemp", failing)
+
+
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
             for p in sorted(folder.rglob("*"))}
@@ -320,14 +332,7 @@ def test_an_unwritable_output_folder_fails_at_once(checkpoint, data, tmp_path, m
     if os.geteuid() != 0:
         locked.chmod(0o555)
     else:  # root writes anywhere: make the probe fail as a read-only file system would
-        real_mkstemp = oloraplus.outputs.tempfile.mkstemp
-
-        def read_only(*args, dir=None, **kwargs):
-            if Path(dir) == locked:
-                raise OSError(30, "Read-only file system")
-            return real_mkstemp(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(oloraplus.outputs.tempfile, "mkstemp", read_only)
+        unwritable(monkeypatch, locked, OSError(30, "Read-only file system"))
     try:
         one_error(train_argv(checkpoint, data, locked / "runs" / "a"), capsys, f"cannot write in {locked}")
         export = ["export", "--model", str(checkpoint), "--adapter", str(tmp_path), "--to", "lora"]
@@ -347,14 +352,7 @@ def test_bench_checks_its_output_before_measuring(checkpoint, tmp_path, monkeypa
     one_error([*base, "--output", str(a_file / "bench.json")], capsys, "which is a file, not a folder")
     one_error([*base, "--output", str(records)], capsys, "would overwrite the input")
     one_error([*base, "--output", ""], capsys, "--output is empty")
-    real_mkstemp = oloraplus.outputs.tempfile.mkstemp
-
-    def read_only(*args, dir=None, **kwargs):
-        if Path(dir) == tmp_path:
-            raise PermissionError(13, "Permission denied")
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(oloraplus.outputs.tempfile, "mkstemp", read_only)
+    unwritable(monkeypatch, tmp_path, PermissionError(13, "Permission denied"))
     one_error([*base, "--output", str(tmp_path / "bench.json")], capsys, "cannot write in")
     assert json.loads(records.read_text()) == make_records(200)
 
