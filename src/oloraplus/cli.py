@@ -27,6 +27,7 @@ from oloraplus.evaluation.evaluate import METRIC_MODES
 from oloraplus.experiments.grid import TRAIN_FLAGS
 from oloraplus.experiments.tune import DEFAULT_N_VAL, TUNE_TRAIN_FLAGS
 from oloraplus.method.registry import METHODS
+from oloraplus.outputs import check_output_folder
 from oloraplus.training.config import EVALUATE_FIELDS, Ratio, TrainConfig, config_yaml, read_settings
 from oloraplus.training.distributed import shutdown
 
@@ -307,6 +308,7 @@ def _grid_command(args) -> int:
     if args.command == "rescore":
         from oloraplus.experiments.grid import rescore_grid
 
+        check_output_folder(args.output, inputs=[args.dir])  # never into the grid it reads
         outcome = rescore_grid(args.dir, args.output, args.metrics_mode, args.seeds)
         _write_report(args.output, args.output)
         return 0 if outcome.ok else 1
@@ -322,6 +324,8 @@ def _grid_command(args) -> int:
         grid = GridSpec(models=args.models, methods=args.methods, seeds=args.seeds, flags=flags,
                         track_seeds=tuple(args.track_seeds), **({"ratios": ratios} if ratios else {}))
         output = args.output
+    # Read-only checks before the first run: a grid folder is written to for hours.
+    check_output_folder(output, inputs=[flags.get("data", DEFAULT_DATA), *grid.models, *args.reuse])
     return 0 if run_and_report(grid.expand(), output, reuse=args.reuse).ok else 1
 
 
@@ -404,6 +408,8 @@ def run(argv: list[str] | None = None) -> int:
         generate_command(args.model, args.adapter, args.prompt, args.input, args.output, settings, sys.stdout)
     elif args.command == "analyze":
         from oloraplus.analysis.drift import analyze_runs, summary_lines
+
+        check_output_folder(args.output, inputs=args.runs)
 
         print("\n".join(summary_lines(analyze_runs(args.runs, args.output))))
         print(f"wrote {os.path.join(args.output, 'analysis.json')}")

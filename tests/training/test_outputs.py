@@ -437,3 +437,21 @@ def test_a_two_process_overwrite_run_stages_every_rank_and_swaps_once(checkpoint
     assert json.loads((out / "results.json").read_text())["training"]["processes"] == 2
     assert (out / "checkpoints" / "checkpoint-2" / "rng_state_1.pth").is_file()
     assert leftovers(out) == []
+
+
+def test_grid_and_analyze_outputs_are_checked_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """sweep / rescore / analyze refuse an output that is their input, the working folder or empty,
+    before a run starts (a grid writes to its folder for hours)."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(make_records(20)))
+    monkeypatch.chdir(tmp_path)
+    sweep = ["sweep", "--models", str(checkpoint), "--data", str(data), "--seeds", "1", "--no-progress"]
+    one_error([*sweep, "--output", "."], capsys, "working folder")
+    one_error([*sweep, "--output", str(checkpoint)], capsys, "would overwrite the input")
+    one_error([*sweep, "--output", ""], capsys, "--output is empty")
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    one_error(["rescore", str(grid), "--metrics-mode", "teacher-forced", "--output", str(grid)], capsys,
+              "would overwrite the input")
+    one_error(["analyze", str(grid), "--output", str(grid)], capsys, "would overwrite the input")
+    assert list(grid.iterdir()) == [] and not (tmp_path / "runs.jsonl").exists()
