@@ -366,6 +366,7 @@ def test_callback_lora_init_measures_against_q_r_of_w(tmp_path):
 # --------------------------------------------------------------------------- CLI and run folders
 
 
+@pytest.mark.slow
 def test_train_and_analyze_cli(tmp_path, tiny_checkpoint, records_file, capsys):
     run = tmp_path / "run"
     code = main(["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--method", "olora-plus",

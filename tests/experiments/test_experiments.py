@@ -336,6 +336,7 @@ def test_cli_bad_ratio_is_a_user_error(tmp_path, fake, capsys):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_sweep_and_report_end_to_end_on_tiny_checkpoint(tmp_path, tiny_checkpoint, records_file):
     out = tmp_path / "grid"
     args = ["sweep", "--models", str(tiny_checkpoint), "--ratios", "1", "16", "--seeds", "1",

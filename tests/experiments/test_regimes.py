@@ -56,6 +56,7 @@ def regime_table(markdown: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
 
 
+@pytest.mark.slow
 def test_regime_table_is_mean_and_std_over_seeds(tmp_path):
     rows = rows_with_exploration()
     write_runs(tmp_path / "runs.jsonl", rows)

@@ -131,6 +131,7 @@ def test_paper_table_sits_next_to_the_matching_model(tmp_path):
     assert md.count("Paper's Table 1,") == 1  # not repeated among "the paper's other tables"
 
 
+@pytest.mark.slow
 def test_report_is_deterministic(tmp_path):
     rows = synthetic_rows("tinyllama-1.1b") + synthetic_rows()
     first = build_report(write_runs(tmp_path / "a" / "runs.jsonl", rows), tmp_path / "a")

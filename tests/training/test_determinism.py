@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from oloraplus.cli import main
 
 
@@ -16,6 +18,7 @@ def _run(checkpoint, data, out, seed: int, capsys) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_checkpoint, records_file, tmp_path, capsys):
     first = _run(tiny_checkpoint, records_file, tmp_path / "a", 0, capsys)
     second = _run(tiny_checkpoint, records_file, tmp_path / "b", 0, capsys)

@@ -44,6 +44,7 @@ def _assert_same_grads(a: dict, b: dict, rtol=1e-4, atol=1e-6) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [True, False])
 def test_grad_accum_2_of_4_is_one_batch_of_8(tiny_checkpoint, records_file, tmp_path, fast):
     """The loss is token-weighted over the whole step (num_items_in_batch), so two micro-batches of

@@ -64,6 +64,7 @@ def test_tensorboard_event_file_holds_the_scalars_at_their_steps(tiny_checkpoint
             assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_mlflow_local_store_holds_the_metrics(tiny_checkpoint, records_file, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
