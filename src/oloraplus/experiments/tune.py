@@ -48,11 +48,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from oloraplus.data.records import local_data_file
+from oloraplus.data.records import data_sha256
 from oloraplus.errors import UserError
 from oloraplus.experiments.grid import safe_name
 from oloraplus.experiments.render import save_png
-from oloraplus.files import sha256_file, write_json_atomic, write_text_atomic
+from oloraplus.files import write_json_atomic, write_text_atomic
 from oloraplus.method.registry import get_method
 from oloraplus.method.trainer import NonFiniteLossError
 from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
@@ -164,9 +164,9 @@ class TuneSpec:
         config = asdict(self.trial_config(method, 1.0, None, None, ""))
         for name in ("lr", "ratio", "output", "overwrite") + tuple(RESULT_NEUTRAL_FLAGS):
             config.pop(name, None)
-        data_file = local_data_file(config["data"])  # the file's content, wherever each machine keeps it
-        if data_file is not None:
-            config["data"] = f"sha256:{sha256_file(data_file)}"
+        digest = data_sha256(config["data"])  # the file's content, wherever each machine keeps it
+        if digest is not None:
+            config["data"] = f"sha256:{digest}"
         return {"method": method, "lr_range": list(self.lr_range),
                 "ratio_range": list(self.ratio_range) if get_method(method).takes_ratio else None,
                 "dropout_range": list(self.dropout_range) if self.dropout_range else None, "train": config}
