@@ -2,7 +2,10 @@
 
 (bench/NOTES.md, 2026-11-29). Run: .venv/bin/python -m bench.adamw_probe
 """
-import torch, time
+import time
+
+import torch
+
 torch.set_num_threads(2)
 torch.manual_seed(0)
 shapes = []

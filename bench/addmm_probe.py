@@ -13,16 +13,16 @@ import torch
 torch.set_num_threads(1)
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
-from oloraplus.fast.addmm import AddmmLoRA  # noqa: E402
-from oloraplus.method.adapters import apply_olora  # noqa: E402
 from bench.harness import BenchConfig, split_examples  # noqa: E402
 from oloraplus.data.batching import collate  # noqa: E402
+from oloraplus.fast.addmm import AddmmLoRA  # noqa: E402
+from oloraplus.fast.attention import attention_kernel, use_attention  # noqa: E402
+from oloraplus.fast.precision import prepare_for_compute  # noqa: E402
+from oloraplus.method.adapters import apply_olora  # noqa: E402
 from oloraplus.method.loss import response_loss  # noqa: E402
 from oloraplus.models.loading import load_model  # noqa: E402
-from oloraplus.fast.attention import attention_kernel, use_attention  # noqa: E402
-from oloraplus.training.runtime import autocast  # noqa: E402
-from oloraplus.fast.precision import prepare_for_compute  # noqa: E402
 from oloraplus.training.config import TrainConfig  # noqa: E402
+from oloraplus.training.runtime import autocast  # noqa: E402
 
 cfg = BenchConfig(model="smollm2-135m", n_train=256, n_eval=8)
 tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)

@@ -11,7 +11,6 @@ import sys
 import time
 
 from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
-
 from oloraplus.fast.attention import GROUPED, use_attention  # noqa: E402
 
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"

@@ -6,15 +6,16 @@ Single thread, thread CPU time, the two variants alternated on the same real bat
 import time
 
 import torch
+
 torch.set_num_threads(1)
+from bench.harness import BenchConfig, split_examples
 from bench.probe_setup import forward_backward  # noqa: E402
-from oloraplus.method.adapters import apply_olora
-from oloraplus.models.loading import load_model
+from oloraplus.data.batching import collate
 from oloraplus.fast.attention import use_attention
 from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.method.adapters import apply_olora
+from oloraplus.models.loading import load_model
 from oloraplus.training.config import TrainConfig
-from bench.harness import BenchConfig, split_examples
-from oloraplus.data.batching import collate
 
 cfg = BenchConfig(model="smollm2-135m", data="../shared/data/alpaca/alpaca_data.json", n_train=256, n_eval=8)
 tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=0.25)

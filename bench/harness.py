@@ -123,9 +123,10 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
 
     from oloraplus.fast.precision import prepare_for_compute
     from oloraplus.method.adapters import apply_olora
+    from oloraplus.models.loading import default_device
     from oloraplus.training.config import TrainConfig
     from oloraplus.training.recipe import build_trainer, load_base_model
-    from oloraplus.training.runtime import autocast, default_device, merged_for_eval
+    from oloraplus.training.runtime import autocast, merged_for_eval
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
                      n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
@@ -334,7 +335,6 @@ def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> 
     """Fail in one line before any measurement: unknown model, unusable data, unwritable output."""
     from oloraplus.data.records import load_records
     from oloraplus.models.loading import resolve_model
-
     from oloraplus.outputs import check_output_file
 
     # empty, a folder, a path under a file, too long, a dangling link, the data file itself, or a

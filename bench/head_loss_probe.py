@@ -12,16 +12,16 @@ import time
 import torch
 
 import oloraplus.method.loss as loss_module  # looks fusable_head up here: the switch below
-from oloraplus.method.adapters import apply_olora
 from bench.harness import BenchConfig, split_examples
 from oloraplus.data.batching import collate
-from oloraplus.method.loss import response_loss
-from oloraplus.fast.head_loss import fusable_head
-from oloraplus.models.loading import load_model
 from oloraplus.fast.attention import attention_kernel, use_attention
-from oloraplus.training.runtime import autocast
+from oloraplus.fast.head_loss import fusable_head
 from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.method.adapters import apply_olora
+from oloraplus.method.loss import response_loss
+from oloraplus.models.loading import load_model
 from oloraplus.training.config import TrainConfig
+from oloraplus.training.runtime import autocast
 
 name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
 cfg = BenchConfig(model=name, n_train=128, n_eval=8)

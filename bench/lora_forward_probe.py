@@ -12,7 +12,6 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
-
 from oloraplus.fast.addmm import AddmmLoRA  # noqa: E402
 
 model, batches = training_model_and_batches()

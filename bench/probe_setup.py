@@ -5,18 +5,18 @@ freed memory kept. Batches of 8 real Alpaca records: without lengths, 8 length-s
 bench's 256-record split (every 32nd record); with lengths, for each the 8 records of the first 3000
 nearest below that length.
 """
-from oloraplus.method.adapters import apply_olora
-from oloraplus.fast.attention import GROUPED, use_attention
 from bench.harness import BenchConfig, split_examples
+from oloraplus.data.batching import collate
 from oloraplus.data.records import DEFAULT_DATA, load_records
 from oloraplus.data.tokenize import tokenize_records
-from oloraplus.data.batching import collate
-from oloraplus.method.loss import response_loss
-from oloraplus.models.loading import load_model
-from oloraplus.training.runtime import autocast
+from oloraplus.fast.attention import GROUPED, use_attention
 from oloraplus.fast.memory import keep_freed_memory
 from oloraplus.fast.precision import prepare_for_compute
+from oloraplus.method.adapters import apply_olora
+from oloraplus.method.loss import response_loss
+from oloraplus.models.loading import load_model
 from oloraplus.training.config import TrainConfig
+from oloraplus.training.runtime import autocast
 
 
 def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | None = None):

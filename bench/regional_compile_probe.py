@@ -8,7 +8,6 @@ with an empty cache: TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python -m bench.
 import time
 
 from bench.probe_setup import forward_backward, training_model_and_batches  # noqa: E402
-
 from oloraplus.fast.compile import compile_layers, decoder_layers  # noqa: E402
 
 model, batches = training_model_and_batches()

@@ -9,8 +9,9 @@ fp32 intermediates. Run from the repo root: .venv/bin/python -m bench.rmsnorm_pr
 import time
 
 import torch
-from bench.probe_setup import forward_backward, training_model_and_batches
 from transformers.models.llama import modeling_llama
+
+from bench.probe_setup import forward_backward, training_model_and_batches
 
 torch.set_num_threads(2)
 

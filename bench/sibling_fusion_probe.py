@@ -6,7 +6,10 @@ matmul) and fused_a (only the group's LoRA A's as one matmul, each base weight o
 bf16 tensors with autograd, forward + backward, median of 30, alternated (bench/NOTES.md, 2026-11-29).
 Run from the repo root: .venv/bin/python -m bench.sibling_fusion_probe
 """
-import torch, time
+import time
+
+import torch
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 bf = torch.bfloat16

@@ -11,6 +11,7 @@ import resource
 import time
 
 import torch
+
 from bench.probe_setup import forward_backward, training_model_and_batches
 
 torch.set_num_threads(2)

@@ -24,8 +24,8 @@ from oloraplus.errors import UserError
 from oloraplus.evaluation.generation import stop_token_ids
 from oloraplus.files import write_text_atomic
 from oloraplus.method.identity import check_adapter_identity
-from oloraplus.models.loading import load_model
-from oloraplus.training.runtime import default_device, merged_for_eval
+from oloraplus.models.loading import default_device, load_model
+from oloraplus.training.runtime import merged_for_eval
 
 TEMPLATES = ("alpaca", "chat", "none")
 

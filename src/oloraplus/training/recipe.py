@@ -33,7 +33,7 @@ from oloraplus.method.identity import check_adapter_identity, model_fingerprint,
 from oloraplus.method.optim import optimizer_groups
 from oloraplus.method.registry import METHODS
 from oloraplus.method.trainer import OLoRAPlusTrainer, OLoRAPlusTrainingArguments
-from oloraplus.models.loading import load_model
+from oloraplus.models.loading import default_device, load_model
 from oloraplus.training.checkpoints import (
     checkpoint_step,
     finish_output,
@@ -55,7 +55,7 @@ from oloraplus.training.distributed import (
 )
 from oloraplus.training.integrity import check_data
 from oloraplus.training.provenance import library_versions
-from oloraplus.training.runtime import default_device, merged_for_eval, resolve_precision
+from oloraplus.training.runtime import merged_for_eval, resolve_precision
 from oloraplus.training.tracking import (
     LOGS_FOLDER,
     attach_tracking,

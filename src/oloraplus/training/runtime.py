@@ -15,7 +15,6 @@ import torch
 
 from oloraplus.errors import UserError
 from oloraplus.fast.compile import uncompile_layers
-from oloraplus.models.loading import default_device  # noqa: F401  (re-exported: where training runs)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
