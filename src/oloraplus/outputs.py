@@ -37,7 +37,7 @@ from typing import Iterable
 from oloraplus.errors import UserError
 
 # What a run folder of ``oloraplus train`` / ``evaluate`` holds (any one of them marks it as ours).
-RUN_MARKERS = ("results.json", "adapter", "checkpoints", "predictions.jsonl", "dynamics.jsonl")
+RUN_MARKERS = ("results.json", "adapter", "checkpoints", "predictions.jsonl", "eval_losses.json", "dynamics.jsonl")
 
 # What an ``oloraplus export`` output holds: a PEFT adapter or a full checkpoint.
 MODEL_MARKERS = ("adapter_config.json", "config.json")

@@ -98,8 +98,11 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
-def write_adapter_identity(adapter_dir: str | Path, base_fingerprint: str, base_model: str) -> Path:
-    """Write ``oloraplus.json`` beside a saved adapter's ``adapter_config.json``."""
+def write_adapter_identity(adapter_dir: str | Path, base_fingerprint: str, base_model: str,
+                           prompt_format: str | None = None) -> Path:
+    """Write ``oloraplus.json`` beside a saved adapter's ``adapter_config.json``; ``prompt_format``
+    (the training data's format: ``alpaca``, ``prompt-completion``, ``chat``) tells ``generate`` how
+    to format prompts by default."""
     adapter_dir = Path(adapter_dir)
     record = {
         "format": FINGERPRINT_VERSION,
@@ -107,8 +110,21 @@ def write_adapter_identity(adapter_dir: str | Path, base_fingerprint: str, base_
         "base_fingerprint": base_fingerprint,
         "adapter_config": identity_fields(_read_adapter_config(adapter_dir)),
     }
+    if prompt_format is not None:
+        record["prompt_format"] = prompt_format
     write_json_atomic(adapter_dir / IDENTITY_FILE, record)
     return adapter_dir / IDENTITY_FILE
+
+
+def adapter_prompt_format(adapter_dir: str | Path) -> str | None:
+    """The training data's format recorded in ``oloraplus.json``, or None (another tool's adapter,
+    or one written before the format was recorded)."""
+    try:
+        record = json.loads((Path(adapter_dir) / IDENTITY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    value = record.get("prompt_format") if isinstance(record, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def check_adapter_identity(adapter_dir: str | Path, base: torch.nn.Module, model_name: str) -> bool:

@@ -2,7 +2,7 @@
 
 One config dataclass, one readable function per job:
 load data -> split -> load model -> add OLoRA adapters -> train with LoRA+ groups ->
-evaluate -> write ``adapter/``, ``predictions.jsonl`` and, last, ``results.json``.
+evaluate -> write ``adapter/``, ``predictions.jsonl``, ``eval_losses.json`` and, last, ``results.json``.
 """
 
 from __future__ import annotations
@@ -145,16 +145,17 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
             return {}  # rank 0 alone evaluates and writes the run folder
 
         model.save_pretrained(out / "adapter")
-        write_adapter_identity(out / "adapter", base_fingerprint, config.model)
+        prompt_format = split.provenance["format"]
+        write_adapter_identity(out / "adapter", base_fingerprint, config.model, prompt_format)
         if config.export:  # the same model as a standard LoRA on the untouched base (export --to lora)
             write_standard_lora(out / "adapter", out / "adapter-lora", start)
-            write_adapter_identity(out / "adapter-lora", base_fingerprint, config.model)
+            write_adapter_identity(out / "adapter-lora", base_fingerprint, config.model, prompt_format)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if config.evaluate:
-            metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
+            metrics, predictions, details, losses = run_evaluation(config, model, tokenizer, split, eval_examples)
             timings["eval_loss"] = details.pop("eval_loss_seconds")
             timings["predict"] = details.pop("predict_seconds")
-            write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+            write_eval_outputs(out, predictions, losses)
         else:  # --no-evaluate (tuning): the validation loss is the run's only metric
             metrics, details = {}, {"skipped": "--no-evaluate"}
         val_rows = val_log(trainer.state.log_history)
@@ -264,8 +265,18 @@ def build_trainer(config, model, tokenizer, examples, out: Path, precision: str,
     return trainer
 
 
+EVAL_LOSSES_FORMAT = 1
+
+
 def run_evaluation(config, model, tokenizer, split, eval_examples):
-    """Eval loss and BLEU/ROUGE on the merged model in fp32 (see ``runtime.merged_for_eval``)."""
+    """Eval loss and BLEU/ROUGE on the merged model in fp32 (see ``runtime.merged_for_eval``).
+
+    Returns ``(metrics, predictions, details, losses)``: ``losses`` is the content of
+    ``eval_losses.json`` (numbers only): ``format``, ``eval_indices`` (each eval example's index in
+    the data file, as ``results.json``'s ``data.eval_indices`` has them, in the order of
+    ``eval_examples``) and, aligned with it, ``response_loss_sum``, ``response_tokens``,
+    ``sequence_loss_sum``, ``sequence_tokens`` (``evaluation.evaluate.eval_loss``).
+    """
     reference = FORMATS[split.provenance.get("format", "alpaca")].reference  # alpaca: the output field
     references = [reference(split.eval[e.index]) for e in eval_examples]
     metrics, predictions, details = evaluate_model(
@@ -281,7 +292,16 @@ def run_evaluation(config, model, tokenizer, split, eval_examples):
         fast=config.fast,
     )
     details["precision"] = "fp32, adapters merged"
-    return metrics, predictions, details
+    per_example = details.pop("example_losses")
+    losses = {"format": EVAL_LOSSES_FORMAT,
+              "eval_indices": [split.provenance["eval_indices"][e.index] for e in eval_examples], **per_example}
+    return metrics, predictions, details, losses
+
+
+def write_eval_outputs(out: Path, predictions: list[dict], losses: dict) -> None:
+    """``predictions.jsonl`` (one line per eval example) and ``eval_losses.json``, each atomically."""
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    write_json_atomic(out / "eval_losses.json", losses, indent=None)
 
 
 def load_base_model(config: TrainConfig, device: str):
@@ -322,8 +342,8 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
     # Round the base weights exactly as --fast training stored them, so the same function is evaluated.
     if config.fast:
         prepare_for_compute(model, precision, device)
-    metrics, predictions, details = run_evaluation(config, model, tokenizer, split, eval_examples)
-    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    metrics, predictions, details, losses = run_evaluation(config, model, tokenizer, split, eval_examples)
+    write_eval_outputs(out, predictions, losses)
     results = {
         "metrics": metrics,
         "evaluation": details,
