@@ -35,6 +35,10 @@ Patch (module) -- internal relied on -- tripwire in tests/test_fast.py:
    ``logits_to_keep`` in the causal LMs' forward -- ``test_boolean_logits_to_keep``
 10. freed memory kept in the process (``memory``) -- glibc's ``mallopt`` (M_MMAP_MAX,
     M_TRIM_THRESHOLD) -- ``test_glibc_mallopt``
+11. LoRA dropout from a list of dropped positions (``dropout``, called by ``addmm``) -- PEFT's
+    ``lora_dropout[adapter]``: an ``nn.Dropout`` whose ``p`` and ``training`` are the dropout's,
+    applied by the variant (not by ``lora.Linear``) when a ``lora_variant`` is installed --
+    ``test_peft_lora_dropout_module``
 
 Patch 8 is not a speed patch and stays in ``models`` (a lower layer): without it a converted
 GGUF model could not be saved as a plain checkpoint or trained, so it runs with the switch off too.
