@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -17,15 +18,20 @@ from oloraplus.experiments.report import build_report
 DRIFT = {1.0: [0.003, 0.004, 0.002], 0.0625: [2e-5, 3e-5, 1e-5], 16.0: [0.30, 0.32, 0.31]}
 B_REL = {1.0: [0.05, 0.06, 0.04], 0.0625: [0.004, 0.005, 0.003], 16.0: [0.8, 0.9, 0.85]}
 ATTN = {1.0: [0.001, 0.002, 0.0015], 0.0625: [1e-5, 1e-5, 1e-5], 16.0: [0.2, 0.21, 0.19]}
+START_TOP = 0.25  # step-0 top-r share: a property of the base model, the same in every run
 
 
-def aggregate(ratio: float, seed: int) -> dict:
+def aggregate(ratio: float, seed: int, baseline: float = 0.92) -> dict:
+    # MLP layers 3 times wider than attention ones: twice the raw drift, 2/3 of it per dimension.
     return {
-        "b_subspace_drift": DRIFT[ratio][seed], "b_subspace_drift_random_baseline": 0.92,
+        "b_subspace_drift": DRIFT[ratio][seed], "b_subspace_drift_random_baseline": baseline,
+        "b_subspace_drift_vs_random": DRIFT[ratio][seed] / baseline,
         "b_rel_change": B_REL[ratio][seed], "a_rel_change": 0.01, "b_orthonormality_error": 0.1,
-        "update_effective_rank": 30.0 + seed, "update_in_top_subspace": None,
-        "by_layer_type": {"attention": {"b_subspace_drift": ATTN[ratio][seed]},
-                          "mlp": {"b_subspace_drift": 2 * ATTN[ratio][seed]}},
+        "update_effective_rank": 30.0 + seed, "update_in_top_subspace": None, "start_in_top_subspace": START_TOP,
+        "by_layer_type": {"attention": {"b_subspace_drift": ATTN[ratio][seed],
+                                        "b_subspace_drift_per_dim": ATTN[ratio][seed] / 500},
+                          "mlp": {"b_subspace_drift": 2 * ATTN[ratio][seed],
+                                  "b_subspace_drift_per_dim": 2 * ATTN[ratio][seed] / 1500}},
     }
 
 
@@ -65,15 +71,24 @@ def test_regime_table_is_mean_and_std_over_seeds(tmp_path):
     table = regime_table(files.markdown.read_text())
     assert list(table) == ["OLoRA baseline", "OLoRA+ λ=1/16", "OLoRA+ λ=16"]
     for label, ratio in (("OLoRA baseline", 1.0), ("OLoRA+ λ=1/16", 0.0625), ("OLoRA+ λ=16", 16.0)):
-        seeds, drift, attn, mlp, b_rel, *_, top = table[label]
+        seeds, drift, vs_random, attn, mlp, attn_dim, mlp_dim, b_rel, *_, start_top, top = table[label]
         assert seeds == "3"
         assert drift == f"{statistics.fmean(DRIFT[ratio]):.3g} ± {statistics.stdev(DRIFT[ratio]):.2g}"
+        relative = [x / 0.92 for x in DRIFT[ratio]]
+        assert vs_random == f"{statistics.fmean(relative):.3g} ± {statistics.stdev(relative):.2g}"
         assert attn == f"{statistics.fmean(ATTN[ratio]):.3g} ± {statistics.stdev(ATTN[ratio]):.2g}"
         doubled = [2 * x for x in ATTN[ratio]]
         assert mlp == f"{statistics.fmean(doubled):.3g} ± {statistics.stdev(doubled):.2g}"
+        assert attn_dim.startswith(f"{statistics.fmean(ATTN[ratio]) / 500:.3g}")
+        assert mlp_dim.startswith(f"{statistics.fmean(doubled) / 1500:.3g}")
         assert b_rel == f"{statistics.fmean(B_REL[ratio]):.3g} ± {statistics.stdev(B_REL[ratio]):.2g}"
+        assert start_top == "0.25 ± 0"  # the same in every seed
         assert top == "-"  # no value in any seed
-    assert "about 0.92 for a random subspace" in files.markdown.read_text()
+    section = files.markdown.read_text().split("## Regimes", 1)[1]
+    header = next(ln for ln in section.splitlines() if ln.startswith("| Method"))
+    assert "| drift per dim (attn) | drift per dim (MLP) |" in header
+    assert "| top-r share, step 0 | update in top-r of W |" in header
+    assert "Random-subspace drift baseline of smollm2-135m: 0.920" in files.markdown.read_text()
     assert files.figure_drift_ratio.read_bytes().startswith(PNG)  # three ratios
     assert files.figure_dynamics is None  # no run folder has dynamics.jsonl
 
@@ -89,6 +104,29 @@ def test_analysis_in_parts_is_found_by_default_and_equals_one_file(tmp_path):
     write_analysis(parts / "analysis" / "seed12" / "analysis.json", rows, seeds=(1, 2))
     expected = regime_table(build_report(whole, whole).markdown.read_text())
     assert expected and regime_table(build_report(parts, parts).markdown.read_text()) == expected
+
+
+@pytest.mark.slow
+def test_two_seeds_give_a_t_interval_and_each_model_its_own_baseline(tmp_path):
+    from scipy.stats import t
+
+    rows = rows_with_exploration()
+    rows += [{**r, "model": "gemma3-270m", "key": "g" + r["key"]} for r in rows]
+    write_runs(tmp_path / "runs.jsonl", rows)
+    path = write_analysis(tmp_path / "analysis" / "analysis.json", rows, seeds=(0, 1))
+    data = json.loads(path.read_text())
+    for e in data["runs"]:
+        if e["model"] == "gemma3-270m":
+            e["aggregate"] = aggregate(e["ratio"], e["seed"], baseline=0.94)
+    path.write_text(json.dumps(data))
+    text = build_report(tmp_path, tmp_path).markdown.read_text()
+    assert "Random-subspace drift baseline of smollm2-135m: 0.920" in text
+    assert "Random-subspace drift baseline of gemma3-270m: 0.940" in text
+    two = DRIFT[16.0][:2]
+    half = t.ppf(0.975, 1) * statistics.stdev(two) / math.sqrt(2)
+    expected = f"{statistics.fmean(two):.3g} [{statistics.fmean(two) - half:.3g}, {statistics.fmean(two) + half:.3g}]"
+    seeds, drift = regime_table(text)["OLoRA+ λ=16"][:2]
+    assert (seeds, drift) == ("2", expected)
 
 
 def test_single_seed_has_no_spread_and_two_ratios_give_no_drift_figure(tmp_path):

@@ -7,13 +7,22 @@ above 1 it moves B to new directions. This module turns that into numbers, per a
 - ``b_subspace_drift``: mean sin^2 of the principal angles between span(B_T) and the reference
   subspace span(Q_r), where W = QR is the ORIGINAL weight. 0: same span; 1: orthogonal spans.
   A random r-dimensional subspace of R^out scores 1 - r/out on average
-  (``b_subspace_drift_random_baseline``), which is the scale to read the numbers against.
+  (``b_subspace_drift_random_baseline``, :func:`random_drift_baseline`), which is the scale to read
+  the numbers against. Layers of different widths are compared with two normalised forms:
+  ``b_subspace_drift_vs_random`` = drift / (1 - r/out) (the fraction of the way to a random
+  subspace) and ``b_subspace_drift_per_dim`` = drift / (out - r), drift per direction of the
+  complement of span(Q_r) that B can turn into. A small movement of B by about c per entry gives a
+  drift of about (out - r) c^2, so a raw drift grows with the layer's width; the per-dimension form
+  does not.
 - ``b_rel_change`` = ||B_T - B_0||_F / ||B_0||_F and ``a_rel_change`` likewise for A.
 - ``b_orthonormality_error`` = ||B_T^T B_T - I||_F (0 for OLoRA's start).
 - the update delta = s (B_T A_T - B_0 A_0), s = alpha / r, i.e. what training added to W:
   its top singular values, entropy effective rank, norm relative to ||W||_F, and
   ``update_in_top_subspace`` = ||U_r^T delta||_F^2 / ||delta||_F^2, the fraction of its energy in the
-  span of W's top-r left singular vectors.
+  span of W's top-r left singular vectors, and its step-0 counterpart ``start_in_top_subspace`` =
+  ||U_r^T Q_r||_F^2 / r: the same share for an update whose columns span(Q_r) evenly (what an update
+  B_0 ΔA with B held still is, on average over ΔA), i.e. how much span(Q_r) already overlaps
+  span(U_r) before training. A random r-dimensional subspace scores r/out on it.
 
 Reference under each initialisation:
 
@@ -60,11 +69,14 @@ REFERENCES = {
 SCALAR_METRICS = (
     "b_subspace_drift",
     "b_subspace_drift_random_baseline",
+    "b_subspace_drift_vs_random",
+    "b_subspace_drift_per_dim",
     "b_rel_change",
     "a_rel_change",
     "b_orthonormality_error",
     "update_effective_rank",
     "update_in_top_subspace",
+    "start_in_top_subspace",
     "update_rel_norm",
 )
 
@@ -114,6 +126,38 @@ def subspace_drift(b_t: torch.Tensor, b_0: torch.Tensor) -> float:
         return math.nan
     sines, _ = principal_angles(b_t, b_0)
     return float((sines**2).mean())
+
+
+def random_drift_baseline(out: int, rank: int) -> float:
+    """E[:func:`subspace_drift`] between a fixed and a uniformly random ``rank``-dim subspace of R^out: 1 - r/out.
+
+    The drift is 1 - ||P_U V||_F^2 / r for orthonormal bases U (random) and V (fixed); over the
+    uniform (Haar) distribution E[P_U] = (r/out) I, so E||P_U V||_F^2 = r^2/out. Needs 1 <= r <= out.
+    """
+    check_positive("rank", rank, integer=True)
+    if rank > out:
+        raise ValueError(f"rank {rank} exceeds the dimension {out}")
+    return 1.0 - rank / out
+
+
+def normalised_drift(drift: float | None, out: int, rank: int) -> tuple[float | None, float | None]:
+    """(drift / random baseline, drift / (out - r)) of a layer with ``out`` outputs at rank r.
+
+    None where the drift is None; the per-dimension form is None when r = out (nothing to turn into).
+    """
+    if drift is None:
+        return None, None
+    baseline = random_drift_baseline(out, rank)
+    return (drift / baseline if baseline > 0 else None), (drift / (out - rank) if out > rank else None)
+
+
+def start_in_top_subspace(q_r: torch.Tensor, u_r: torch.Tensor) -> float:
+    """||U_r^T Q_r||_F^2 / ||Q_r||_F^2: the step-0 share of span(Q_r) in span(U_r), in [0, 1].
+
+    The :func:`update_in_top_subspace` of Q_r itself taken as the update (for orthonormal Q_r it is
+    the mean cos^2 of the principal angles between span(Q_r) and span(U_r), i.e. 1 - their drift).
+    """
+    return update_in_top_subspace(to_work_dtype(q_r), u_r)
 
 
 def rel_change(x_t: torch.Tensor, x_0: torch.Tensor) -> float:
@@ -292,15 +336,20 @@ def layer_metrics(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor, sca
         b_change = rel_change(b_t, ref.b_0)
     else:  # B_0 = 0: how far B got, on the scale of OLoRA's start ||Q_r||_F = sqrt(r)
         b_change = float(torch.linalg.norm(b_t)) / math.sqrt(rank)
+    drift = finite_or_none(subspace_drift(b_t, ref.q_r))
+    vs_random, per_dim = normalised_drift(drift, out, rank)
     return {
-        "b_subspace_drift": finite_or_none(subspace_drift(b_t, ref.q_r)),
-        "b_subspace_drift_random_baseline": 1.0 - rank / out,
+        "b_subspace_drift": drift,
+        "b_subspace_drift_random_baseline": random_drift_baseline(out, rank),
+        "b_subspace_drift_vs_random": vs_random,
+        "b_subspace_drift_per_dim": per_dim,
         "b_rel_change": finite_or_none(b_change),
         "a_rel_change": None if ref.a_0 is None else finite_or_none(rel_change(a_t, ref.a_0)),
         "b_orthonormality_error": orthonormality_error(b_t),
         "update_singular_values": [float(s) for s in sigma[:N_SINGULAR_VALUES]],
         "update_effective_rank": effective_rank(sigma),
         "update_in_top_subspace": finite_or_none(update_in_top_subspace(update, ref.u_r)),
+        "start_in_top_subspace": finite_or_none(start_in_top_subspace(ref.q_r, ref.u_r)),
         "update_rel_norm": update.norm() / ref.w_norm if ref.w_norm > 0 else None,
     }
 

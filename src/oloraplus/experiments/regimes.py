@@ -26,12 +26,16 @@ from oloraplus.experiments.render import md_table, save_png
 # (key in an aggregate, column title, decimals or None for 3 significant digits); "attention:"/"mlp:" read the per-layer-type means.
 REGIME_METRICS: tuple[tuple[str, str, int | None], ...] = (
     ("b_subspace_drift", "B drift", None),
+    ("b_subspace_drift_vs_random", "B drift / random", None),
     ("attention:b_subspace_drift", "B drift (attn)", None),
     ("mlp:b_subspace_drift", "B drift (MLP)", None),
+    ("attention:b_subspace_drift_per_dim", "drift per dim (attn)", None),
+    ("mlp:b_subspace_drift_per_dim", "drift per dim (MLP)", None),
     ("b_rel_change", "‖ΔB‖/‖B₀‖", None),
     ("a_rel_change", "‖ΔA‖/‖A₀‖", None),
     ("b_orthonormality_error", "‖BᵀB−I‖", None),
     ("update_effective_rank", "update eff. rank", 1),
+    ("start_in_top_subspace", "top-r share, step 0", None),
     ("update_in_top_subspace", "update in top-r of W", None),
 )
 
@@ -41,11 +45,19 @@ DYNAMICS_METRICS = tuple(DYNAMICS_TITLES)
 
 REGIME_DEFINITIONS = (
     "B drift: mean sin² of the principal angles between span(B_T) and span(B_0 = Q_r), 0 = same "
-    "subspace, about {random} for a random subspace of the same size. ‖ΔB‖/‖B₀‖, ‖ΔA‖/‖A₀‖: relative "
+    "subspace; a random r-dim subspace of a layer with out outputs scores 1 − r/out on average (the "
+    "random baseline; mean over this model's layers under each table). B drift / random: each layer's drift "
+    "over its baseline. Drift per dim: each layer's drift over out − r, the directions B can turn into; "
+    "a raw drift grows with the layer's width (a move of c per entry of B gives about (out − r)·c²), "
+    "so attention and MLP layers are compared on the per-dimension drift. ‖ΔB‖/‖B₀‖, ‖ΔA‖/‖A₀‖: relative "
     "Frobenius change of the factors. ‖BᵀB−I‖: how far B_T is from orthonormal columns (0 at init). "
     "Update: s·(B_T A_T − B_0 A_0), its effective rank (exp of the entropy of its normalised singular "
-    "values) and the share of its energy in the top-r left singular subspace of the original W. "
-    "Means over all adapted layers of a run, then mean ± std over seeds."
+    "values) and the share of its energy in the top-r left singular subspace of the original W; "
+    "top-r share, step 0: the same share for span(Q_r) itself (‖U_rᵀQ_r‖²/r, before any training), what an "
+    "update B_0·ΔA that keeps B = Q_r has on average (r/out for a random subspace). "
+    "Means over all adapted layers of a run, then mean ± std over seeds; with 2 seeds, the mean "
+    "[95% t interval]. \"-\": not in the inputs (a run summarised by its dynamics.jsonl written before "
+    "these columns existed)."
 )
 
 
@@ -114,7 +126,7 @@ class Regimes:
 
     stats: dict[str, list[RegimeStats]]  # model -> arms (in the report's arm order)
     dynamics: dict[str, list[tuple[str, float, object, list[dict]]]]  # model -> (method, ratio, seed, rows), λ descending
-    random_drift: float | None
+    random_drift: dict[str, float]  # model -> mean random-subspace drift baseline of its layers
     from_dynamics: int = 0  # runs whose aggregate is their dynamics.jsonl's last row (no analysis entry)
 
     @property
@@ -131,7 +143,7 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
     analyses = read_analyses(analysis_paths)
     stats: dict[str, list[RegimeStats]] = {}
     dynamics: dict[str, list] = {}
-    random_drift = None
+    random_drift: dict[str, float] = {}
     from_dynamics = 0
     for model in dict.fromkeys(r["model"] for r in rows):
         groups: dict[tuple, list[tuple]] = {}
@@ -149,7 +161,9 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
                 from_dynamics += 1
             if agg is not None:
                 groups.setdefault((r["method"], float(r["ratio"])), []).append((r["seed"], agg))
-                random_drift = random_drift if random_drift is not None else agg.get("b_subspace_drift_random_baseline")
+                baseline = metric_value(agg, "b_subspace_drift_random_baseline")
+                if baseline is not None:
+                    random_drift.setdefault(model, baseline)
         stats[model] = [
             RegimeStats(model, method, ratio, [s for s, _ in group], {
                 key: [v for v in (metric_value(agg, key) for _, agg in group) if v is not None]
@@ -161,10 +175,23 @@ def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Reg
     return Regimes(stats, dynamics, random_drift, from_dynamics)
 
 
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student t interval of the mean of ``values`` (at least two)."""
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
+
+
 def _cell(s: RegimeStats, key: str, decimals: int | None) -> str:
     mean, std = s.mean(key), s.std(key)
     if mean is None:
         return "-"
+    fmt = (lambda x: f"{x:.3g}") if decimals is None else (lambda x: f"{x:.{decimals}f}")
+    if len(s.values[key]) == 2:  # a std of two numbers says little: the 95% t interval of the mean
+        lo, hi = t_interval(s.values[key])
+        return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
     if decimals is None:  # spans orders of magnitude across λ: three significant digits
         return f"{mean:.3g}" + (f" ± {std:.2g}" if std is not None else "")
     return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
@@ -174,11 +201,10 @@ def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
     """The markdown regime section: one table per model, then the figures."""
     if regimes.empty:
         return []
-    random = f"{regimes.random_drift:.2f}" if regimes.random_drift is not None else "0.9"
-    out = ["## Regimes: what each λ does to the adapter", "", REGIME_DEFINITIONS.format(random=random), ""]
+    out = ["## Regimes: what each λ does to the adapter", "", REGIME_DEFINITIONS, ""]
     if regimes.from_dynamics:
-        out += [f"{regimes.from_dynamics} run(s) have no `analyze` entry: their aggregates are the last row of "
-                "their dynamics.jsonl, the same metrics computed by the training callback on the final adapter.", ""]
+        out += [(f"{regimes.from_dynamics} run(s) have no `analyze` entry: their aggregates are the last row of "
+                 "their dynamics.jsonl, the same metrics computed by the training callback on the final adapter."), ""]
     for model, arms in regimes.stats.items():
         if not arms:
             continue
@@ -187,6 +213,9 @@ def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
         rows = [[_arm(s.method, s.ratio).label, str(len(s.seeds)), *(_cell(s, k, d) for k, _, d in REGIME_METRICS)]
                 for s in arms]
         out += md_table(header, rows, ["---", "---:", *["---:"] * len(REGIME_METRICS)]) + [""]
+        if model in regimes.random_drift:
+            out += [(f"Random-subspace drift baseline of {model}: {regimes.random_drift[model]:.3f} (mean of "
+                     "1 − r/out over its adapted layers)."), ""]
     for name in figures:
         out += [f"![{name}]({name})", ""]
     return out
