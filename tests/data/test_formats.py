@@ -183,22 +183,75 @@ def test_chat_jsonl_trains_end_to_end(tmp_path, tiny_tokenizer, capsys):
         tiny_tokenizer.chat_template = None
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chat_records(14)) + json.dumps({"messages": []}) + "\n")
-    results, err = run_train(tmp_path, ckpt, path, capsys)
+    results, err = run_train(tmp_path, ckpt, path, capsys, report_to="tensorboard", max_steps=10)
     assert results["data"]["format"] == "chat" and results["config"]["format"] == "auto"
     assert results["data"]["skipped"] == {"empty": 1, "missing_field": 0}
     assert "kept 14 of 15 records" in err and "1 empty" in err
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["reference"]
+    assert_tensorboard_has_the_losses(tmp_path / "run", results)
+    # the exported adapter answers through `oloraplus generate`, with the chat template by default
+    messages = [{"role": "user", "content": "Write about the stone ."}]
+    prompt = tiny_tokenizer.__class__.from_pretrained(ckpt).apply_chat_template(messages, tokenize=False,
+                                                                                   add_generation_prompt=True)
+    assert generate_answer(ckpt, tmp_path / "run", "Write about the stone .", capsys) == \
+        reference_answer(ckpt, tmp_path / "run" / "adapter", prompt, special_tokens=False)
 
 
 def test_csv_with_custom_columns_trains_end_to_end(tmp_path, module_checkpoint, capsys):
     path = write_csv(tmp_path / "qa.csv", qa_rows(14), ["question", "context", "answer"])
     results, _ = run_train(tmp_path, module_checkpoint, path, capsys, template="Write {question} {context}",
-                           response_field="answer")
+                           response_field="answer", report_to="tensorboard", max_steps=10)
     assert results["data"]["format"] == "prompt-completion" and results["data"]["records_sha256"]
     refs = [json.loads(line)["reference"] for line in (tmp_path / "run" / "predictions.jsonl").read_text().split("\n")
             if line]
     assert refs == [qa_rows(14)[i]["answer"] for i in results["data"]["eval_indices"]]
+    assert_tensorboard_has_the_losses(tmp_path / "run", results)
+    # prompt-completion data: generate passes the prompt as given (as the template filled it in training)
+    prompt = "Write number 3 the stone"
+    assert generate_answer(module_checkpoint, tmp_path / "run", prompt, capsys) == \
+        reference_answer(module_checkpoint, tmp_path / "run" / "adapter", prompt)
+
+
+def assert_tensorboard_has_the_losses(run, results):
+    """The run's TensorBoard event file holds its logged training losses at their steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from oloraplus.training.tracking import LOGS_FOLDER
+
+    events = EventAccumulator(str(run / LOGS_FOLDER))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    expected = {row["step"]: row["loss"] for row in results["training"]["log"]}
+    assert expected and logged.keys() == expected.keys()
+    assert all(logged[step] == pytest.approx(value, rel=1e-6) for step, value in expected.items())
+
+
+def generate_answer(ckpt, run, prompt, capsys) -> str:
+    """``oloraplus generate`` on the run's exported standard LoRA (``adapter-lora/``), default template."""
+    code = main(["generate", "--model", str(ckpt), "--adapter", str(run / "adapter-lora"), "--prompt", prompt,
+                 "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out.strip()
+
+
+def reference_answer(ckpt, adapter, text, special_tokens=True) -> str:
+    """Greedy answer to ``text`` (tokenized as training tokenizes prompts) of the trained adapter
+    (``adapter/``, OLoRA init re-run by PEFT), merged, through ``model.generate``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    ids = tokenizer(text, add_special_tokens=special_tokens, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 # --- errors: one line each ----------------------------------------------------------------------

@@ -4,9 +4,12 @@ The adapter is checked against the base model (``method.identity``), loaded with
 re-runs the OLoRA init for an ``adapter/`` folder; an ``adapter-lora/`` folder loads as is) and
 merged into one fp32 model (``training.runtime.merged_for_eval``), as evaluation runs it.
 
-Prompts are formatted as in training by default (the Alpaca template, the prompt text as the
-instruction, ``data.records.format_prompt``); ``chat`` uses the tokenizer's chat template with one
-user message, ``none`` the text as given. Decoding is greedy unless ``temperature > 0``, then
+Prompts are formatted as in training by default (``auto``: the format ``train`` recorded in the
+adapter's ``oloraplus.json``): ``alpaca`` is the Alpaca template with the prompt text as the
+instruction (``data.records.format_prompt``), ``chat`` the tokenizer's chat template with one user
+message, ``none`` the text as given (what ``auto`` picks for prompt-completion data: write the
+prompt as the prompt column held it, or as ``--template`` filled it in). An adapter without a recorded format
+(another tool's) gets ``alpaca``. Decoding is greedy unless ``temperature > 0``, then
 it samples (with ``top_p``) from a generator seeded with ``seed``, so a seed reproduces the output.
 """
 
@@ -23,20 +26,25 @@ from oloraplus.data.records import format_prompt
 from oloraplus.errors import UserError
 from oloraplus.evaluation.generation import stop_token_ids
 from oloraplus.files import write_text_atomic
-from oloraplus.method.identity import check_adapter_identity
+from oloraplus.method.identity import adapter_prompt_format, check_adapter_identity
 from oloraplus.models.loading import default_device, load_model
 from oloraplus.training.runtime import merged_for_eval
 
-TEMPLATES = ("alpaca", "chat", "none")
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+
+# The prompt template ``auto`` picks for each training data format.
+TEMPLATE_OF_FORMAT = {"alpaca": "alpaca", "chat": "chat", "prompt-completion": "none"}
 
 
 @dataclass
 class GenerateSettings:
     """How ``generate`` formats prompts and decodes (the metadata gives the CLI flags' help)."""
 
-    template: str = field(default="alpaca", metadata={
-        "choices": TEMPLATES, "help": "alpaca: the training template (the prompt as the instruction); chat: the "
-                                      "tokenizer's chat template, one user message; none: the text as given"})
+    template: str = field(default="auto", metadata={
+        "choices": TEMPLATES, "help": "auto: as the adapter was trained (its data format, recorded by 'oloraplus "
+                                      "train'; alpaca if none is recorded); alpaca: the Alpaca template (the prompt "
+                                      "as the instruction); chat: the tokenizer's chat template, one user message; "
+                                      "none: the text as given"})
     max_new_tokens: int = field(default=128, metadata={"help": "most tokens generated per prompt"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding; > 0: sample at this temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (with --temperature > 0)"})
@@ -71,6 +79,13 @@ def load_for_generation(model: str, adapter: str, device: str | None = None):
     merged = merged_for_eval(peft_model)
     merged.config.use_cache = True  # load_model turns it off for training
     return merged, tokenizer
+
+
+def resolve_template(template: str, adapter: str) -> str:
+    """``template``, or for ``auto`` the one that matches the adapter's training data (module docstring)."""
+    if template != "auto":
+        return template
+    return TEMPLATE_OF_FORMAT.get(adapter_prompt_format(adapter) or "alpaca", "alpaca")
 
 
 def prompt_ids(tokenizer, text: str, template: str) -> list[int]:
@@ -140,6 +155,7 @@ def generate_command(model: str, adapter: str, prompt: str | None, input_file: s
     prompts = read_prompts(input_file) if input_file else [prompt]
     if output is not None and Path(output).exists():
         raise UserError(f"--output {output} exists; choose a new file")
+    settings.template = resolve_template(settings.template, adapter)
     merged, tokenizer = load_for_generation(model, adapter)
     if prompt is not None:
         generate_one(merged, tokenizer, prompt, settings, streamer=_streamer(tokenizer, stdout))
