@@ -1,19 +1,26 @@
 """``oloraplus bench``: our training and evaluation stack against the paper's, side by side.
 
-The reference is what the paper describes: a plain ``transformers.Trainer`` with Trainer
-defaults (fp32, random batches padded to the longest, loss over the full vocabulary at every
-position), PEFT's ``init_lora_weights="olora"`` and ``peft.optimizers.create_loraplus_optimizer``.
-Ours is exactly what ``oloraplus train`` runs. Both see the same records (issue 2's split) with
-the same seeds and batch size. Each training runs in its own child process so that each peak
-RSS is its own; the children run one after another inside one ``bench`` invocation. Both stacks
-train once on each of ``orders`` data orders (seeds), alternately (ours, reference, ours, ...), so
-that a slower or faster spell of the machine falls on both; the speed-up is the ratio of the two
-medians over the orders.
+Three stacks train on the same records (the split of ``oloraplus train``) with the same seeds
+and batch size:
+
+- the reference, what the paper describes: a plain ``transformers.Trainer`` at its defaults (fp32,
+  random batches padded to the longest, loss over the full vocabulary at every position),
+  PEFT's ``init_lora_weights="olora"`` and ``peft.optimizers.create_loraplus_optimizer``;
+- the configured Trainer: the same, set up as a user who knows the Trainer would: bf16 autocast
+  where the CPU has native bf16 (``bf16=True``), ``train_sampling_strategy="group_by_length"``,
+  SDPA attention;
+- ours: exactly what ``oloraplus train`` runs.
+
+Each training runs in its own child process, so that each peak RSS is its own; the children run
+one after another inside one ``bench`` invocation. The stacks train once on each of ``orders``
+data orders (seeds), alternately (ours, configured, reference, ours, ...), so that a slower or
+faster spell of the machine falls on all; a speed-up is the ratio of two medians over the orders.
 
 Reported (printed as a table and written as JSON):
-- ``train``: useful (non-pad) tokens/s of both (median and per order) and peak RSS,
-  ``speedup`` = ours / reference (medians), and both eval losses (same fp32 eval code for both)
-  after the same records, per order;
+- ``train``: useful (non-pad) tokens/s of each stack (median and per order), peak RSS (whole
+  process, and during training alone), ``speedup`` = ours / reference and
+  ``speedup_vs_configured`` = ours / configured (medians), and the eval losses (the same fp32
+  eval code for all) after the same records, per order;
 - ``olora_plus_overhead``: our step time at ratio 16 over ratio 1, steps interleaved;
 - ``init``: whole-model OLoRA init time, ours vs PEFT's;
 - ``generation``: new tokens/s of our batched greedy generation vs a one-prompt-at-a-time
@@ -21,7 +28,10 @@ Reported (printed as a table and written as JSON):
   ``eval_loss_tokens_per_second`` of our eval-loss pass;
 - ``roofline_fraction``: our useful training FLOP/s (counted with torch's FlopCounterMode on
   unpadded sequences: the body at every token, the LM head where a response token is
-  predicted) over the bf16 matmul peak measured in the same run.
+  predicted) over the bf16 matmul peak measured in the same run;
+- ``paper_size`` (``--paper-size``): a model of TinyLlama-1.1B's published shape with random
+  weights (no download) and a 32,000-token BPE tokenizer trained on the records, a few steps of
+  each stack with and without gradient checkpointing: tokens/s and peak RSS during training.
 """
 
 from __future__ import annotations
@@ -80,11 +90,43 @@ def _eval_loss(merged, examples, pad_id) -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process so far, in MB (across :func:`_reset_peak_rss`)."""
+    return max(_PEAK_BEFORE_RESET[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def child_reference(cfg: BenchConfig, seed: int) -> dict:
-    """Plain Trainer + PEFT OLoRA + PEFT's LoRA+ optimiser, Trainer defaults."""
+_PEAK_BEFORE_RESET = [0.0]
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5), so that a later
+    :func:`_vm_hwm_mb` is the peak since now: the training's own peak, not the loading's.
+    The reset also resets ``getrusage``'s peak, so the peak so far is kept for :func:`_peak_rss_mb`."""
+    _PEAK_BEFORE_RESET[0] = max(_PEAK_BEFORE_RESET[0], _peak_rss_mb())
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    """Peak RSS of this process since the last :func:`_reset_peak_rss` (``VmHWM``), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+STACKS = ("ours", "configured", "reference")
+
+
+def child_reference(cfg: BenchConfig, seed: int, configured: bool = False, gradient_checkpointing: bool = False,
+                    evaluate: bool = True) -> dict:
+    """Plain Trainer + PEFT OLoRA + PEFT's LoRA+ optimiser: at the Trainer's defaults, or
+    ``configured`` (bf16 autocast where the CPU has native bf16, length-grouped batches, SDPA)."""
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
     from transformers import Trainer, TrainingArguments, set_seed
@@ -92,31 +134,50 @@ def child_reference(cfg: BenchConfig, seed: int) -> dict:
     from oloraplus.data.batching import Collator, ExampleDataset
     from oloraplus.models.families import default_target_modules
     from oloraplus.models.loading import load_model
-    from oloraplus.training.runtime import merged_for_eval
+    from oloraplus.training.runtime import merged_for_eval, resolve_precision
 
     model, tokenizer = load_model(cfg.model)
+    bf16 = configured and resolve_precision("auto", "cpu") == "bf16"
+    if configured:
+        model.set_attn_implementation("sdpa")
     _, train, evals = split_examples(cfg, tokenizer)
     set_seed(seed)
     config = LoraConfig(r=32, lora_alpha=16, target_modules=default_target_modules(model),
                         init_lora_weights="olora", task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=3e-4, loraplus_lr_ratio=cfg.ratio)
+    options = {}
+    if configured:
+        options.update(bf16=bf16, train_sampling_strategy="group_by_length")
+    if gradient_checkpointing:
+        options.update(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
                                  learning_rate=3e-4, seed=seed, use_cpu=True, report_to=[], save_strategy="no",
-                                 remove_unused_columns=False, disable_tqdm=True, logging_strategy="no")
+                                 remove_unused_columns=False, disable_tqdm=True, logging_strategy="no", **options)
         trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(train),
                           data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
+        reset = _reset_peak_rss()
         t = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t
+        train_peak = _vm_hwm_mb() if reset else None
     tokens = sum(len(e.input_ids) for e in train)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "eval_loss": _eval_loss(merged_for_eval(model), evals, tokenizer.pad_token_id),
-            "peak_rss_mb": _peak_rss_mb()}
+    result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+              "precision": "bf16" if bf16 else "fp32", "attention": model.config._attn_implementation,
+              "peak_rss_mb": _peak_rss_mb(), "train_peak_rss_mb": train_peak}
+    if evaluate:
+        result["eval_loss"] = _eval_loss(merged_for_eval(model), evals, tokenizer.pad_token_id)
+    return result
 
 
-def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
+def child_configured(cfg: BenchConfig, seed: int, **kwargs) -> dict:
+    """The Trainer as a competent user configures it (:func:`child_reference` with ``configured``)."""
+    return child_reference(cfg, seed, configured=True, **kwargs)
+
+
+def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_checkpointing: bool = False,
+               evaluate: bool = True) -> dict:
     """``oloraplus train``'s pipeline and the eval loss; then (``measure_all``) the overhead,
     generation and FLOP measurements, which the repeats over data orders skip."""
     from transformers import set_seed
@@ -130,7 +191,7 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
                      n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
-                     progress=False)
+                     progress=False, gradient_checkpointing=gradient_checkpointing)
     device = default_device()
     model, tokenizer, precision = load_base_model(tc, device)  # the reference keeps glibc's malloc defaults
     _, train, evals = split_examples(cfg, tokenizer)
@@ -139,12 +200,16 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True) -> dict:
     prepare_for_compute(model, precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(tc, model, tokenizer, train, Path(tmp), precision, device)
+        reset = _reset_peak_rss()
         t = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t
+        train_peak = _vm_hwm_mb() if reset else None
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-              "precision": precision, "peak_rss_mb": _peak_rss_mb()}
+              "precision": precision, "peak_rss_mb": _peak_rss_mb(), "train_peak_rss_mb": train_peak}
+    if not evaluate:
+        return result
     if measure_all:
         with autocast(precision, device):
             result["overhead"] = _overhead(model, train, tokenizer.pad_token_id, cfg)
@@ -294,7 +359,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-CHILDREN = {"reference": child_reference, "ours": child_ours, "init": child_init, "peak": child_peak}
+CHILDREN = {"reference": child_reference, "configured": child_configured, "ours": child_ours, "init": child_init,
+            "peak": child_peak}
 
 
 def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
@@ -347,8 +413,10 @@ def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> 
         raise UserError(f"bench needs at least {n_records} records; {data} has {len(source.records)}")
 
 
-def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dict | None = None) -> dict:
-    """Measure each model (``sizes`` overrides BenchConfig's sizes, for tests) and write ``output``."""
+def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dict | None = None,
+              paper_size: dict | None = None) -> dict:
+    """Measure each model (``sizes`` overrides BenchConfig's sizes, for tests) and write ``output``;
+    ``paper_size`` (:data:`PAPER_SIZE` or a smaller shape, for tests) adds the paper-size rows."""
     from oloraplus.training.provenance import library_versions
 
     # Generation is measured on one full batch of evaluation prompts (64, the batch size
@@ -370,47 +438,30 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
         cfg = BenchConfig(model=name, data=data, **sizes)
         print(f"[{name}] init ...", flush=True)
         init = _run_child("init", cfg)
-        runs = {"ours": [], "reference": []}
+        runs = {kind: [] for kind in STACKS}
         for k in range(cfg.orders):
             for kind in runs:
                 print(f"[{name}] {kind} (data order {k}): training {cfg.n_train} records ...", flush=True)
                 extra = {"measure_all": k == 0} if kind == "ours" else {}
                 runs[kind].append(_run_child(kind, cfg, seed=cfg.seed + k, **extra))
-        ours, ref = runs["ours"][0], runs["reference"][0]
-        # The reference's speed depends on its data order (random batches pad differently), and
-        # both depend on how busy the machine is: the speed-up is the ratio of the medians.
-        speeds = {kind: [r["tokens_per_second"] for r in rs] for kind, rs in runs.items()}
-        losses = {kind: [r["eval_loss"] for r in rs] for kind, rs in runs.items()}
-        ours_speed, ref_speed = statistics.median(speeds["ours"]), statistics.median(speeds["reference"])
-        flops = ours["flops_per_token"] * ours_speed
+        ours = runs["ours"][0]
         results["models"][name] = {
             "config": asdict(cfg),
-            "train": {
-                "reference_tokens_per_second": ref_speed,
-                "reference_tokens_per_second_orders": speeds["reference"],
-                "ours_tokens_per_second": ours_speed,
-                "ours_tokens_per_second_orders": speeds["ours"],
-                "speedup": ours_speed / ref_speed,
-                "speedup_orders": [o / r for o, r in zip(speeds["ours"], speeds["reference"])],
-                "reference_peak_rss_mb": ref["peak_rss_mb"], "ours_peak_rss_mb": ours["peak_rss_mb"],
-                "reference_eval_loss": ref["eval_loss"], "ours_eval_loss": ours["eval_loss"],
-                "eval_loss_rel_diff": abs(ours["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"],
-                "reference_eval_loss_orders": losses["reference"],
-                "reference_eval_loss_spread": _spread(losses["reference"]),
-                "ours_eval_loss_orders": losses["ours"],
-                "ours_eval_loss_spread": _spread(losses["ours"]),
-                "ours_precision": ours["precision"],
-            },
+            "train": _train_summary(runs),
             "olora_plus_overhead": ours["overhead"]["olora_plus_overhead"],
             "overhead": ours["overhead"],
             "init": init,
             "generation": ours["generation"],
             "eval_loss_tokens_per_second": ours["eval_pass"]["tokens_per_second"],
             "useful_flops_per_token": ours["flops_per_token"],
-            "useful_gflops": flops / 1e9,
-            "roofline_fraction": flops / (peak["bf16_gflops"] * 1e9),
         }
+        # useful FLOP/s of ours at its median speed, against the bf16 matmul peak of this run
+        flops = ours["flops_per_token"] * results["models"][name]["train"]["ours_tokens_per_second"]
+        results["models"][name].update(useful_gflops=flops / 1e9, roofline_fraction=flops / (peak["bf16_gflops"] * 1e9))
         print_table({name: results["models"][name]})
+    if paper_size:
+        results["paper_size"] = run_paper_size(data, paper_size)
+        print_paper_size(results["paper_size"])
     results["wall_seconds"] = time.perf_counter() - start
     results["load_average"]["end"] = os.getloadavg()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -419,6 +470,109 @@ def run_bench(models: list[str], quick: bool, output: str, data: str, sizes: dic
     write_json_atomic(output, results)
     print(f"wrote {output} ({results['wall_seconds'] / 60:.1f} min)")
     return results
+
+
+def _train_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per stack: median useful tokens/s and its values per data order, peak RSS, eval losses
+    (first order, and per order with their spread); ours / reference and ours / configured."""
+    train = {}
+    for kind, rs in runs.items():
+        speeds, losses = [r["tokens_per_second"] for r in rs], [r["eval_loss"] for r in rs]
+        train.update({
+            f"{kind}_tokens_per_second": statistics.median(speeds),
+            f"{kind}_tokens_per_second_orders": speeds,
+            f"{kind}_peak_rss_mb": rs[0]["peak_rss_mb"],
+            f"{kind}_train_peak_rss_mb": rs[0]["train_peak_rss_mb"],
+            f"{kind}_eval_loss": rs[0]["eval_loss"],
+            f"{kind}_eval_loss_orders": losses,
+            f"{kind}_eval_loss_spread": _spread(losses),
+            f"{kind}_precision": rs[0]["precision"],
+        })
+    # The reference's speed depends on its data order (random batches pad differently), and every
+    # stack's on how busy the machine is: a speed-up is the ratio of the medians.
+    for other, key in (("reference", "speedup"), ("configured", "speedup_vs_configured")):
+        train[key] = train["ours_tokens_per_second"] / train[f"{other}_tokens_per_second"]
+        train[f"{key}_orders"] = [o / r for o, r in zip(train["ours_tokens_per_second_orders"],
+                                                        train[f"{other}_tokens_per_second_orders"])]
+        train[f"eval_loss_rel_diff{key[len('speedup'):]}"] = (
+            abs(train["ours_eval_loss"] - train[f"{other}_eval_loss"]) / train[f"{other}_eval_loss"])
+    return train
+
+
+# TinyLlama-1.1B's published config (hidden 2048, 22 layers, 32 heads, 4 key/value heads, MLP 5632,
+# vocab 32000), and the records and steps of the paper-size rows.
+PAPER_SIZE = {"shape": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
+                        "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
+                        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+              "n_train": 32, "batch_size": 8}
+
+
+def paper_size_checkpoint(folder: Path, data: str, shape: dict) -> Path:
+    """Save a Llama of ``shape`` with random weights (bf16) and a byte-level BPE tokenizer of its
+    vocabulary size, trained on the first 5,000 records of ``data``, as a checkpoint folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from oloraplus.data.records import load_records
+
+    texts = [" ".join(str(v) for v in r.values()) for r in load_records(data).records[:5000]]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=shape["vocab_size"], special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_paper_size(data: str, settings: dict) -> dict:
+    """Each stack a few steps on the paper-size model, with and without gradient checkpointing:
+    useful tokens/s and peak RSS during training (no evaluation: the weights are random)."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("[paper size] building the random TinyLlama-1.1B-shaped checkpoint ...", flush=True)
+        folder = paper_size_checkpoint(Path(tmp) / "paper-size", data, settings["shape"])
+        cfg = BenchConfig(model=str(folder), data=data, n_train=settings["n_train"], n_eval=8,
+                          batch_size=settings["batch_size"], orders=1)
+        for checkpointing in (False, True):
+            for kind in STACKS:
+                label = f"{kind}{' + gradient checkpointing' if checkpointing else ''}"
+                print(f"[paper size] {label}: {cfg.n_train} records ...", flush=True)
+                extra = {"measure_all": False} if kind == "ours" else {}
+                r = _run_child(kind, cfg, seed=cfg.seed, gradient_checkpointing=checkpointing, evaluate=False,
+                               **extra)
+                rows[f"{kind}{'_checkpointing' if checkpointing else ''}"] = {
+                    k: r[k] for k in ("tokens", "seconds", "tokens_per_second", "peak_rss_mb", "train_peak_rss_mb",
+                                      "precision")}
+    for suffix in ("", "_checkpointing"):
+        ours, configured = rows[f"ours{suffix}"], rows[f"configured{suffix}"]
+        rows[f"speedup_vs_configured{suffix}"] = ours["tokens_per_second"] / configured["tokens_per_second"]
+        rows[f"speedup{suffix}"] = ours["tokens_per_second"] / rows[f"reference{suffix}"]["tokens_per_second"]
+        if ours["train_peak_rss_mb"] and configured["train_peak_rss_mb"]:
+            rows[f"train_peak_rss_vs_configured{suffix}"] = ours["train_peak_rss_mb"] / configured["train_peak_rss_mb"]
+    return {"config": {**settings, "records": data}, "rows": rows}
+
+
+def print_paper_size(result: dict) -> None:
+    rows = result["rows"]
+    print("\npaper size (TinyLlama-1.1B shape, random weights)")
+    print(f"{'stack':40} {'tokens/s':>10} {'train peak MB':>14} {'process peak MB':>16}")
+    for key, r in rows.items():
+        if isinstance(r, dict):
+            peak = f"{r['train_peak_rss_mb']:.0f}" if r["train_peak_rss_mb"] else "-"
+            print(f"{key:40} {r['tokens_per_second']:>10.1f} {peak:>14} {r['peak_rss_mb']:>16.0f}")
+    for key, value in rows.items():
+        if not isinstance(value, dict):
+            print(f"{key:40} {value:>10.2f}")
+    print(flush=True)
 
 
 def _spread(values: list[float]) -> float:
@@ -430,22 +584,36 @@ def print_table(models: dict) -> None:
     for name, r in models.items():
         t, g = r["train"], r["generation"]
         rows = [
-            ("train tokens/s (useful)", f"{t['reference_tokens_per_second']:.0f}", f"{t['ours_tokens_per_second']:.0f}", f"{t['speedup']:.2f}x"),
-            ("  per data order", _joined(t["reference_tokens_per_second_orders"]),
-             _joined(t["ours_tokens_per_second_orders"]), _joined(t["speedup_orders"], "{:.2f}")),
-            ("train peak RSS MB", f"{t['reference_peak_rss_mb']:.0f}", f"{t['ours_peak_rss_mb']:.0f}", ""),
-            ("eval loss after training", f"{t['reference_eval_loss']:.4f}", f"{t['ours_eval_loss']:.4f}", f"{100 * t['eval_loss_rel_diff']:.2f}% apart"),
-            ("OLoRA init s", f"{r['init']['peft_seconds']:.2f}", f"{r['init']['ours_seconds']:.2f}", f"{r['init']['speedup']:.2f}x"),
-            ("generation new tokens/s", f"{g['loop_tokens_per_second']:.1f}", f"{g['ours_tokens_per_second']:.1f}", f"{g['speedup']:.2f}x, {100 * g['identical_share']:.0f}% identical"),
-            ("eval-loss pass tokens/s", "", f"{r['eval_loss_tokens_per_second']:.0f}", ""),
-            ("OLoRA+ (16) / OLoRA (1) step", "", f"{r['olora_plus_overhead']:.3f}", ""),
-            ("roofline fraction (bf16)", "", f"{r['roofline_fraction']:.3f}", f"{r['useful_gflops']:.0f} GFLOP/s"),
+            ("train tokens/s (useful)", *_per_stack(t, "{:.0f}", "tokens_per_second"),
+             f"{t['speedup']:.2f}x / {t['speedup_vs_configured']:.2f}x"),
+            ("  per data order", *(_joined(t[f"{kind}_tokens_per_second_orders"])
+                                   for kind in ("reference", "configured", "ours")),
+             f"{_joined(t['speedup_orders'], '{:.2f}')} / {_joined(t['speedup_vs_configured_orders'], '{:.2f}')}"),
+            ("train precision", *_per_stack(t, "{}", "precision"), ""),
+            ("peak RSS MB (process)", *_per_stack(t, "{:.0f}", "peak_rss_mb"), ""),
+            ("peak RSS MB (training)", *_per_stack(t, "{:.0f}", "train_peak_rss_mb"), ""),
+            ("eval loss after training", *_per_stack(t, "{:.4f}", "eval_loss"),
+             f"{100 * t['eval_loss_rel_diff']:.2f}% / {100 * t['eval_loss_rel_diff_vs_configured']:.2f}% apart"),
+            ("OLoRA init s", f"{r['init']['peft_seconds']:.2f}", "", f"{r['init']['ours_seconds']:.2f}",
+             f"{r['init']['speedup']:.2f}x"),
+            ("generation new tokens/s", f"{g['loop_tokens_per_second']:.1f}", "", f"{g['ours_tokens_per_second']:.1f}",
+             f"{g['speedup']:.2f}x, {100 * g['identical_share']:.0f}% identical"),
+            ("eval-loss pass tokens/s", "", "", f"{r['eval_loss_tokens_per_second']:.0f}", ""),
+            ("OLoRA+ (16) / OLoRA (1) step", "", "", f"{r['olora_plus_overhead']:.3f}", ""),
+            ("roofline fraction (bf16)", "", "", f"{r['roofline_fraction']:.3f}", f"{r['useful_gflops']:.0f} GFLOP/s"),
         ]
         print(f"\n{name}")
-        print(f"{'measure':32} {'reference':>16} {'ours':>16}  ratio")
+        print(f"{'measure':30} {'Trainer defaults':>17} {'Trainer configured':>19} {'ours':>14}  "
+              "ours / defaults / configured")
         for row in rows:
-            print(f"{row[0]:32} {row[1]:>16} {row[2]:>16}  {row[3]}")
+            print(f"{row[0]:30} {row[1]:>17} {row[2]:>19} {row[3]:>14}  {row[4]}")
         print(flush=True)
+
+
+def _per_stack(train: dict, fmt: str, key: str) -> list[str]:
+    """``train[<stack>_<key>]`` formatted for the three stacks, in the table's column order."""
+    return [fmt.format(train[f"{kind}_{key}"]) if train.get(f"{kind}_{key}") is not None else "-"
+            for kind in ("reference", "configured", "ours")]
 
 
 def _joined(values: list[float], fmt: str = "{:.0f}") -> str:

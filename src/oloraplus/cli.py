@@ -150,6 +150,10 @@ def _add_grid_commands(sub) -> None:
     report.add_argument("--output", default=None, help="where to write the report (default DIR)")
     report.add_argument("--analysis", nargs="+", default=None, metavar="FILE",
                         help="analysis.json files for the regime section (default DIR/analysis/analysis.json and DIR/analysis/*/analysis.json)")
+    report.add_argument("--tuned", action="store_true",
+                        help="DIR is an 'oloraplus tune --final-seeds N' folder: the best-vs-best report of its "
+                             "final runs (DIR/final/*) and trials.csv, with paired t and bootstrap intervals and "
+                             "Holm-corrected tests")
 
 
 def _add_tune_command(sub) -> None:
@@ -188,6 +192,10 @@ def _add_tune_command(sub) -> None:
     tune.add_argument("--fail-running", action="store_true",
                       help="first mark the studies' running trials failed (after a killed worker, with journal "
                            "storage, which has no heartbeat; only when no worker is running)")
+    tune.add_argument("--final-seeds", type=int, default=0, metavar="N",
+                      help="after the search, train each method's best setting with seeds 0..N-1 (data seed "
+                           "--data-seed + s, all training records, evaluated) into OUTPUT/final/METHOD-sS "
+                           "(resumable), then write OUTPUT/report.md; 0: no final runs")
     _add_config_flag(tune, "train flags for every trial")
 
 
@@ -234,11 +242,16 @@ def build_parser(settings: dict[str, dict] | None = None) -> argparse.ArgumentPa
     _add_export_command(sub)
     _add_generate_command(sub)
     _add_tune_command(sub)
-    bench = sub.add_parser("bench", help="speed of our stack vs the paper's (plain Trainer + PEFT), side by side")
+    bench = sub.add_parser("bench", help="speed of our stack vs the Trainer at its defaults (the paper's stack) and "
+                                         "configured (bf16, length-grouped batches, SDPA), side by side")
     bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records")
     bench.add_argument("--model", nargs="+", default=None, help="models (default: smollm2-135m, plus gemma3-270m unless --quick)")
     bench.add_argument("--data", default=DEFAULT_DATA)
     bench.add_argument("--output", required=True, help="JSON file to write")
+    bench.add_argument("--paper-size", action="store_true",
+                       help="also a TinyLlama-1.1B-shaped model with random weights: a few steps of each stack, "
+                            "with and without gradient checkpointing (tokens/s, peak memory)")
+    bench.add_argument("--paper-size-only", action="store_true", help="only the --paper-size rows (no models)")
     for command, values in (settings or {}).items():
         sub.choices[command].use_settings(values)
     return parser
@@ -300,6 +313,14 @@ def _write_report(source: str, output: str, analyses: list[str] | None = None) -
 
 def _grid_command(args) -> int:
     """Hand a parsed reproduce/sweep/rescore/report command to experiments/grid.py / experiments/report.py."""
+    if args.command == "report" and args.tuned:
+        from oloraplus.experiments.tuned_report import build_tuned_report
+
+        if args.analysis:
+            raise UserError("--analysis belongs to a grid's report, not to --tuned")
+        files = build_tuned_report(args.dir, args.output)
+        print(f"wrote {files.markdown}\nwrote {files.csv}")
+        return 0
     if args.command == "report":
         source = args.dir
         _write_report(source, args.output or (source if os.path.isdir(source) else os.path.dirname(source) or "."),
@@ -330,14 +351,14 @@ def _grid_command(args) -> int:
 
 
 def _tune_command(args) -> int:
-    from oloraplus.experiments.tune import TuneSpec, tune
+    from oloraplus.experiments.tune import TuneSpec, run_final, tune
 
     spec = TuneSpec(
         model=args.model, methods=list(args.methods), trials=args.trials, output=args.output, storage=args.storage,
         study_name=args.study_name, workers=args.workers, lr_range=tuple(args.lr_range),
         ratio_range=tuple(float(r) for r in args.ratio_range),
         dropout_range=tuple(args.dropout_range) if args.tune_dropout else None, prune=not args.no_prune,
-        heartbeat=args.heartbeat, fail_running=args.fail_running,
+        heartbeat=args.heartbeat, fail_running=args.fail_running, final_seeds=args.final_seeds,
         flags={k: getattr(args, k) for k in TUNE_TRAIN_FLAGS if hasattr(args, k)},  # given, or from --config
     )
     best = tune(spec)
@@ -350,6 +371,8 @@ def _tune_command(args) -> int:
             print(f"{method}: no complete trial ({counts or 'none run'})")
     for name in ("best.json", "trials.csv", "figure_val_loss_vs_lr.png"):
         print(f"wrote {os.path.join(args.output, name)}")
+    if spec.final_seeds:
+        return 0 if run_final(spec).ok else 1
     return 0
 
 
@@ -414,10 +437,12 @@ def run(argv: list[str] | None = None) -> int:
         print("\n".join(summary_lines(analyze_runs(args.runs, args.output))))
         print(f"wrote {os.path.join(args.output, 'analysis.json')}")
     elif args.command == "bench":
-        run_bench = _bench_harness().run_bench
+        harness = _bench_harness()
 
         models = args.model or (["smollm2-135m"] if args.quick else ["smollm2-135m", "gemma3-270m"])
-        run_bench(models, args.quick, args.output, args.data)
+        paper_size = harness.PAPER_SIZE if args.paper_size or args.paper_size_only else None
+        harness.run_bench([] if args.paper_size_only else models, args.quick, args.output, args.data,
+                          paper_size=paper_size)
     return 0
 
 

@@ -320,3 +320,113 @@ def test_a_study_from_before_a_new_train_setting_resumes_only_at_that_settings_d
     assert _differences(stored, {"method": "olora", "train": {"rank": 32, "format": "chat"}}) == [
         "train.format: None there, 'chat' now"]
     assert _differences(stored, {"method": "olora", "train": {"rank": 16}}) == ["train.rank: 32 there, 16 now"]
+
+
+def fake_trial(config, callbacks=()):
+    """A trial without training: the validation loss is a fixed function of lr (and lambda)."""
+    if config.method == "pissa":
+        return {"metrics": {"val_loss": math.nan}, "training": {"steps": 2}}  # diverged: counted as pruned
+    penalty = 0.0 if config.ratio is None else 0.01 * math.log2(config.ratio) ** 2
+    return {"metrics": {"val_loss": 1 + (math.log10(config.lr) + 2.5) ** 2 + penalty}, "training": {"steps": 2}}
+
+
+def fake_final_run(calls: list):
+    """A final run without training: results.json and eval_losses.json as train writes them (the parts read)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import numpy as np
+
+    def train(config):
+        calls.append(config)
+        out = Path(config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        shared = np.random.default_rng(config.seed)  # the eval records of a seed: the same for every method
+        indices = [int(i) for i in shared.permutation(1000)[:40]]
+        tokens = shared.integers(3, 20, 40)
+        base = shared.gamma(3.0, 0.5, 40)
+        noise = np.random.default_rng([config.seed, len(config.method)]).normal(0, 0.01, 40)
+        loss_sum = (base + (0.3 if config.method == "olora" else 0.0) + noise) * tokens
+        losses = {"format": 1, "eval_indices": indices, "response_loss_sum": loss_sum.tolist(),
+                  "response_tokens": tokens.tolist(), "sequence_loss_sum": (2 * loss_sum).tolist(),
+                  "sequence_tokens": (3 * tokens).tolist()}
+        eval_loss = float(loss_sum.sum() / tokens.sum())
+        results = {"metrics": {"eval_loss": eval_loss, "bleu": 20.0 - eval_loss, "rougeL": 40.0 - eval_loss},
+                   "config": asdict(config), "data": {"eval_indices": sorted(indices)}}
+        (out / "eval_losses.json").write_text(json.dumps(losses))
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    return train
+
+
+def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_the_report(
+        tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
+    import csv
+
+    calls: list = []
+    monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+    out = tmp_path / "tune"
+    argv = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "4",
+                     "--lr-range", "1e-4", "1e-1", "--ratio-range", "1/4", "4", "--data-seed", "7", "--seed", "3",
+                     "--final-seeds", "2")
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    folders = sorted(p.name for p in (out / "final").iterdir() if p.is_dir())
+    assert folders == ["olora-plus-s0", "olora-plus-s1", "olora-s0", "olora-s1"]
+    assert len(calls) == 4
+    for config in calls:
+        method, seed = config.method, config.seed
+        assert config.output.endswith(f"final/{method}-s{seed}")
+        complete = [r for r in rows if r["method"] == method and r["state"] == "COMPLETE"]
+        best = min(complete, key=lambda r: (float(r["val_loss"]), int(r["number"])))
+        assert config.lr == float(best["lr"])
+        assert config.ratio == (float(best["ratio"]) if method == "olora-plus" else None)
+        assert config.data_seed == 7 + seed  # the study's data seed + s; the trials' training seed is not used
+        assert (config.n_val, config.eval_steps, config.evaluate) == (0, None, True)
+        assert (config.max_steps, config.rank, config.n_train) == (2, 4, 24)  # the study's other settings
+        assert config.metrics_mode == "generation"
+    assert sorted((c.method, c.seed) for c in calls) == [("olora", 0), ("olora", 1), ("olora-plus", 0),
+                                                          ("olora-plus", 1)]
+    assert [c.seed for c in calls] == [0, 0, 1, 1]  # seed-major: a stopped run already holds pairs
+    report = (out / "report.md").read_text()
+    assert "| OLoRA+ − OLoRA |" in report and "olora-plus better" in report
+    assert (out / "comparisons.csv").exists() and (out / "final" / "runs.jsonl").exists()
+
+    # Resumable: the same command skips the finished runs.
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(calls) == 4
+    # A run deleted is redone, alone.
+    import shutil
+
+    shutil.rmtree(out / "final" / "olora-s1")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [(c.method, c.seed) for c in calls[4:]] == [("olora", 1)]
+    # Another command (another budget) adds its methods to the same final/; the report covers all of them,
+    # with the trials of every study in the storage (OUTPUT/trials.csv holds the last command's only).
+    more = tune_args(tiny_checkpoint, records_file, out, "--methods", "lora", "--trials", "2", "--lr-range", "1e-4",
+                     "1e-1", "--data-seed", "7", "--seed", "3", "--final-seeds", "2")
+    assert main(more) == 0, capsys.readouterr().err
+    assert [(c.method, c.seed) for c in calls[5:]] == [("lora", 0), ("lora", 1)]
+    assert {r["method"] for r in csv.DictReader((out / "trials.csv").open())} == {"lora"}
+    every = list(csv.DictReader((out / "final" / "trials.csv").open()))
+    assert [r["method"] for r in every] == ["lora"] * 2 + ["olora"] * 4 + ["olora-plus"] * 4
+    report = (out / "report.md").read_text()
+    assert "| LoRA − OLoRA |" in report and "no complete trial" not in report
+
+
+def test_final_seeds_need_a_complete_trial_per_method(tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+    argv = tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--methods", "olora", "pissa", "--trials", "2",
+                     "--final-seeds", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "pissa has no complete trial" in err, err
+    assert calls == []  # checked before any final run
+    assert main(argv[:-2] + ["--final-seeds", "-1"]) == 2
+    assert "--final-seeds" in capsys.readouterr().err

@@ -111,6 +111,7 @@ class RunSpec:
     ratio: float
     seed: int
     flags: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    name: str | None = None  # the run folder's name instead of <model>/<method>-r<ratio>-s<seed>
 
     @property
     def key(self) -> str:
@@ -119,7 +120,9 @@ class RunSpec:
 
     @property
     def folder(self) -> str:
-        """Run folder below ``<output>/runs`` (posix form)."""
+        """Run folder below ``<output>/runs`` (posix form); ``name`` if the spec has one."""
+        if self.name is not None:
+            return self.name
         return f"{safe_name(self.model)}/{self.method}-r{format_ratio(self.ratio)}-s{self.seed}"
 
     @property
@@ -374,8 +377,10 @@ def run_grid(
     output_dir: str | Path,
     log: Callable[[str], None] = print,
     reuse: Sequence[str | Path] = (),
+    runs_dir: str = "runs",
 ) -> GridOutcome:
-    """Run every spec not yet complete into ``output_dir/runs/<folder>``.
+    """Run every spec not yet complete into ``output_dir/<runs_dir>/<folder>`` (``runs_dir`` "": right
+    in ``output_dir``).
 
     A finished run with the same settings in one of the ``reuse`` grid folders is copied instead.
 
@@ -393,7 +398,7 @@ def run_grid(
         other = folders.setdefault(spec.folder.casefold(), spec.model)
         if other != spec.model:
             raise UserError(f"models '{other}' and '{spec.model}' would share the run folder "
-                            f"runs/{safe_name(spec.model)}; name each model one way only")
+                            f"{runs_dir}/{safe_name(spec.model)}; name each model one way only")
     for spec in specs:  # every config checked before the first (long) run starts
         spec.config(out).validate()
     data_hashes: dict[str, str | None] = {}
@@ -402,7 +407,7 @@ def run_grid(
         data_hashes[data] = sha256_file(path) if path is not None else None
     for model in dict.fromkeys(spec.model for spec in specs):
         resolve_model(model)  # an unknown model name fails the grid once, before the first run
-    existing = {s.key: _load_results(out / "runs" / s.folder / "results.json") for s in specs}
+    existing = {s.key: _load_results(out / runs_dir / s.folder / "results.json") for s in specs}
     for spec in specs:
         if existing[spec.key] is not None:
             _check_existing(spec, existing[spec.key], data_hashes)
@@ -414,7 +419,7 @@ def run_grid(
     total = len(specs)
     for i, spec in enumerate(specs, start=1):
         prefix = f"[{i}/{total}] {spec.label}"
-        rel = f"runs/{spec.folder}"
+        rel = (Path(runs_dir) / spec.folder).as_posix()
         results = existing[spec.key]
         if results is not None:
             if spec.key not in known:  # finished, but the process died before its line was added

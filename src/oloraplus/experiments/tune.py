@@ -27,6 +27,17 @@ Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters 
 loss), ``trials.csv`` (one row per trial), ``figure_val_loss_vs_lr.png`` and, per ``-plus`` method,
 ``figure_heatmap_<method>.png`` (best validation loss over log lr x log lambda), and the trials'
 run folders under ``trials/<method>/<number>``.
+
+Final runs (``--final-seeds N``, the plan of ``results/tuned/PLAN.md``): after the search (the same
+command first resumes each study to its budget), each method's best setting (the COMPLETE trial of
+lowest validation loss, the earliest on a tie) is trained with seeds s = 0..N-1, each with
+``--data-seed D + s`` (D: the study's data seed), on all training records (``--n-val 0``, no
+``--eval-steps``) and evaluated on the eval records (generation metrics), into
+``final/<method>-s<s>/`` (and a line each in ``final/runs.jsonl``; ``final/trials.csv``: the trials of
+every method's study in the storage, for the report); every other setting is the study's. The runs go through
+:func:`oloraplus.experiments.grid.run_grid`, so a finished run is skipped (and one finished with
+another setting, say after more trials moved the best, is refused), then ``report.md`` and
+``comparisons.csv`` are written from them (:mod:`oloraplus.experiments.tuned_report`).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +61,11 @@ from transformers import TrainerCallback
 
 from oloraplus.data.records import data_sha256
 from oloraplus.errors import UserError
-from oloraplus.experiments.grid import safe_name
+from oloraplus.experiments.grid import GridOutcome, RunSpec, run_grid, safe_name
 from oloraplus.experiments.render import save_png
+from oloraplus.experiments.tuned_report import FINAL_DIR, TRIALS_FILE, best_trial, build_tuned_report
 from oloraplus.files import write_json_atomic, write_text_atomic
-from oloraplus.method.registry import get_method
+from oloraplus.method.registry import METHODS, get_method
 from oloraplus.method.trainer import NonFiniteLossError
 from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
 from oloraplus.training.recipe import train
@@ -103,6 +115,7 @@ class TuneSpec:
     heartbeat: float = 60.0  # seconds between a running trial's heartbeats (database storages)
     fail_running: bool = False
     flags: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, e.g. n_val, eval_steps, max_steps
+    final_seeds: int = 0  # > 0: then train each method's best setting with seeds 0..N-1 into OUTPUT/final
 
     @property
     def storage_url(self) -> str:
@@ -145,6 +158,8 @@ class TuneSpec:
                 raise UserError(f"--dropout-range LOW HIGH must satisfy 0 <= LOW <= HIGH < 1, got {low} {high}")
             if "dropout" in self.flags:
                 raise UserError("--dropout fixes the dropout and --tune-dropout searches it; pass only one")
+        if isinstance(self.final_seeds, bool) or not isinstance(self.final_seeds, int) or self.final_seeds < 0:
+            raise UserError(f"--final-seeds must be a whole number >= 0 (0: no final runs), got {self.final_seeds!r}")
         if not self.heartbeat > 0:
             raise UserError(f"--heartbeat must be a positive number of seconds, got {self.heartbeat}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.study_name):
@@ -158,6 +173,23 @@ class TuneSpec:
         for method in self.methods:  # every train flag, as each trial will get them
             ratio = self.ratio_range[0] if get_method(method).takes_ratio else None
             self.trial_config(method, self.lr_range[0], ratio, None, str(Path(self.output) / "trials")).validate()
+            if self.final_seeds:  # ... and as each final run will
+                params = {"lr": self.lr_range[0], "ratio": ratio}
+                self.final_spec(method, params, 0).config(Path(self.output) / FINAL_DIR).validate()
+
+    def final_spec(self, method: str, params: dict, seed: int) -> RunSpec:
+        """The final run of ``method`` at the trial parameters ``params`` (lr, and ratio, dropout when
+        searched) with training seed ``seed`` and data seed (the study's) + ``seed``: every other setting as
+        in the trials, but trained on all training records (no validation split) and evaluated."""
+        flags = {"progress": False, **{k: v for k, v in self.flags.items() if k not in ("seed", "n_val",
+                                                                                          "eval_steps")}}
+        flags.update(lr=float(params["lr"]), n_val=0, data_seed=self.flags.get("data_seed", _default("data_seed"))
+                     + seed)
+        if params.get("dropout") is not None:
+            flags["dropout"] = float(params["dropout"])
+        takes_ratio = get_method(method).takes_ratio
+        return RunSpec(self.model, method, float(params["ratio"]) if takes_ratio else 1.0, seed, flags,
+                       name=f"{method}-s{seed}")
 
     def settings(self, method: str) -> dict:
         """What a study's trials depend on, stored with the study and compared on resume."""
@@ -485,15 +517,27 @@ def trial_rows(spec: TuneSpec, storage) -> list[dict]:
     return rows
 
 
-def write_outputs(spec: TuneSpec, storage) -> dict:
-    """``best.json``, ``trials.csv`` and the figures from the studies in ``storage``."""
-    out = Path(spec.output)
-    rows = trial_rows(spec, storage)
+def write_trials_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    write_text_atomic(out / "trials.csv", buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
+
+
+def stored_methods(spec: TuneSpec, storage) -> list[str]:
+    """The methods (registry order) with a study of ``spec``'s study name and model in ``storage``, whichever
+    command made them (the single-rate and ``-plus`` methods may be tuned by two commands)."""
+    optuna = _optuna()
+    names = set(optuna.study.get_all_study_names(storage))
+    return [m for m in METHODS if spec.study(m) in names]
+
+
+def write_outputs(spec: TuneSpec, storage) -> dict:
+    """``best.json``, ``trials.csv`` and the figures from the studies in ``storage``."""
+    out = Path(spec.output)
+    rows = trial_rows(spec, storage)
+    write_trials_csv(rows, out / "trials.csv")
     best = {"storage": _public_url(spec.storage_url), "model": spec.model, "objective": "val_loss", "methods": {}}
     for method in spec.methods:
         mine = [r for r in rows if r["method"] == method]
@@ -501,7 +545,7 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
         entry = {"study": spec.study(method),
                  "trials": {s: sum(r["state"] == s for r in mine) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}}
         if complete:
-            top = min(complete, key=lambda r: r["val_loss"])
+            top = best_trial(complete)
             params = {k: top[k] for k in ("lr", "ratio", "dropout") if top[k] is not None}
             entry.update(trial=top["number"], val_loss=top["val_loss"], params=params, output=top["output"])
         best["methods"][method] = entry
@@ -512,6 +556,32 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
         if get_method(method).takes_ratio:
             _figure_heatmap([r for r in rows if r["method"] == method and r["state"] == "COMPLETE"], method, spec, path)
     return best
+
+
+def run_final(spec: TuneSpec, storage=None, say=print) -> GridOutcome:
+    """The final runs of ``spec.final_seeds`` seeds at each method's best trial (see the module doc), then
+    the tuned report in ``spec.output``. A method without a COMPLETE trial is a :class:`UserError` before
+    any run starts."""
+    storage = storage if storage is not None else open_storage(spec.storage_url, spec.heartbeat)
+    rows = trial_rows(spec, storage)
+    specs = []
+    for method in spec.methods:
+        top = best_trial([r for r in rows if r["method"] == method])
+        if top is None:
+            raise UserError(f"{method} has no complete trial in study {spec.study(method)}: no best setting to "
+                            "run the final runs with")
+        params = {k: top[k] for k in ("lr", "ratio", "dropout") if top[k] is not None}
+        say(f"{method}: final runs at trial {top['number']} ({_params_text(params)}; val_loss {top['val_loss']:.4f})")
+        specs += [spec.final_spec(method, top, seed) for seed in range(spec.final_seeds)]
+    specs.sort(key=lambda s: (s.seed, spec.methods.index(s.method)))  # seed-major: early seeds pair up first
+    outcome = run_grid(specs, Path(spec.output) / FINAL_DIR, log=say, runs_dir="")  # runs.jsonl there too
+    # the trials of every method's study in the storage (OUTPUT/trials.csv has this command's methods only)
+    every = replace(spec, methods=stored_methods(spec, storage))
+    write_trials_csv(trial_rows(every, storage), Path(spec.output) / FINAL_DIR / TRIALS_FILE)
+    files = build_tuned_report(spec.output)
+    say(f"wrote {files.markdown}")
+    say(f"wrote {files.csv}")
+    return outcome
 
 
 def _public_url(url: str) -> str:
