@@ -182,6 +182,7 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     generation and FLOP measurements, which the repeats over data orders skip."""
     from transformers import set_seed
 
+    from oloraplus.fast.memory import release_freed_memory
     from oloraplus.fast.precision import prepare_for_compute
     from oloraplus.method.adapters import apply_olora
     from oloraplus.models.loading import default_device
@@ -198,6 +199,8 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     set_seed(seed)
     model = apply_olora(model, tc.adapter_config())
     prepare_for_compute(model, precision, device)
+    if gradient_checkpointing:  # as `oloraplus train` does
+        release_freed_memory(device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(tc, model, tokenizer, train, Path(tmp), precision, device)
         reset = _reset_peak_rss()

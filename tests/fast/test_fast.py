@@ -391,6 +391,24 @@ def test_glibc_mallopt():
                                      "oloraplus.fast.memory.keep_freed_memory", f"returned {out}")
 
 
+def test_glibc_malloc_trim_returns_freed_heap_pages():
+    """With mmap off, a freed 256 MB block stays resident until malloc_trim(0) hands it back."""
+    assert hasattr(ctypes.CDLL(None), "malloc_trim"), broken("glibc", "malloc_trim (not exported)",
+                                                             "oloraplus.fast.memory.release_freed_memory")
+    code = ("import ctypes, re\n"
+            "from oloraplus.fast.memory import keep_freed_memory, release_freed_memory\n"
+            "rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024\n"
+            "keep_freed_memory('cpu'); libc = ctypes.CDLL(None)\n"
+            "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+            "keep = libc.malloc(1 << 20)  # above the big block: the heap's top stays in use\n"
+            "p = libc.malloc(256 << 20); ctypes.memset(p, 1, 256 << 20)\n"
+            "guard = libc.malloc(1 << 20); ctypes.memset(guard, 1, 1 << 20)\n"
+            "libc.free(p); before = rss(); release_freed_memory('cpu'); print(before - rss())")
+    freed_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert freed_mb > 200, broken("glibc", "malloc_trim(0) (free pages inside the heap no longer released)",
+                                  "oloraplus.fast.memory.release_freed_memory", f"released {freed_mb} MB")
+
+
 # 11. fast.dropout: PEFT's lora_dropout module ------------------------------------------------
 
 

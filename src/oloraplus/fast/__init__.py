@@ -33,8 +33,9 @@ Patch (module) -- internal relied on -- tripwire in tests/test_fast.py:
    ``test_gguf_quantizer_marker``, ``test_gguf_model_saves_without_its_quantizer``
 9. LM head only at scored positions (``logits_mask``, ``head_loss``) -- a 2-D boolean
    ``logits_to_keep`` in the causal LMs' forward -- ``test_boolean_logits_to_keep``
-10. freed memory kept in the process (``memory``) -- glibc's ``mallopt`` (M_MMAP_MAX,
-    M_TRIM_THRESHOLD) -- ``test_glibc_mallopt``
+10. freed memory kept in the process, and handed back once after the model is prepared
+    (``memory``) -- glibc's ``mallopt`` (M_MMAP_MAX, M_TRIM_THRESHOLD) and ``malloc_trim`` --
+    ``test_glibc_mallopt``, ``test_glibc_malloc_trim_returns_freed_heap_pages``
 11. LoRA dropout from a list of dropped positions (``dropout``, called by ``addmm``) -- PEFT's
     ``lora_dropout[adapter]``: an ``nn.Dropout`` whose ``p`` and ``training`` are the dropout's,
     applied by the variant (not by ``lora.Linear``) when a ``lora_variant`` is installed --

@@ -28,3 +28,21 @@ def keep_freed_memory(device: str) -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # glibc's, from the process's own symbol table
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory(device: str) -> bool:
+    """On CPU under glibc, hand the heap's free pages back to the kernel once (``malloc_trim(0)``).
+
+    With :func:`keep_freed_memory` nothing freed is returned to the kernel on its own, so the
+    memory of a one-off phase stays in the process for its whole life: loading the model in fp32
+    and storing its frozen weights in bf16 frees the fp32 copies (4 bytes per weight), and those
+    pages would stay resident through training. ``oloraplus train --gradient-checkpointing`` (the
+    user chose memory over speed) calls it once after the model is prepared, before training; the
+    training's own blocks are still kept for reuse afterwards. Without checkpointing it is not
+    called: the fp32 pages are then reused by the training's first steps, which were slower with
+    them handed back (bench/NOTES.md). Returns whether it ran.
+    """
+    if not device.startswith("cpu") or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    ctypes.CDLL(None).malloc_trim(0)
+    return True

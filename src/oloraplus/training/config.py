@@ -142,7 +142,8 @@ class TrainConfig:
     lr_scheduler: str = _setting("linear", "learning-rate schedule after the warmup: linear or cosine decay to 0, "
                                  "or constant; lr_B stays ratio x lr_A throughout", choices=LR_SCHEDULERS)
     gradient_checkpointing: bool = _setting(False, "recompute each decoder layer's activations in the backward "
-                                            "pass (less memory, more compute; same loss and gradients)")
+                                            "pass (less memory, more compute; same loss and gradients); on CPU the "
+                                            "freed fp32 copies of the frozen weights are handed back before training")
     report_to: str = _setting("none", "log train loss, lr_A, lr_B, validation loss and adapter drift to "
                               "TensorBoard (OUTPUT/logs), MLflow or Weights & Biases; each needs its extra, "
                               "e.g. pip install 'oloraplus[tensorboard]'", choices=REPORT_TO)

@@ -22,7 +22,7 @@ from oloraplus.data.tokenize import Example, check_kept, tokenize_records
 from oloraplus.errors import UserError
 from oloraplus.evaluation.evaluate import evaluate_model
 from oloraplus.fast.compile import compile_layers
-from oloraplus.fast.memory import keep_freed_memory
+from oloraplus.fast.memory import keep_freed_memory, release_freed_memory
 from oloraplus.fast.precision import prepare_for_compute
 from oloraplus.fast.trainer import FastTrainerMixin
 from oloraplus.files import write_json_atomic, write_text_atomic
@@ -117,6 +117,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
     timings["init"] = time.perf_counter() - t
     if config.fast:  # the plain path trains the model as PEFT built it
         prepare_for_compute(model, precision, device)
+        if config.gradient_checkpointing:  # memory over speed: the fp32 copies freed just now go back too
+            release_freed_memory(device)
         if config.compile:
             compile_layers(model, device)
 
