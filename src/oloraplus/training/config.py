@@ -116,8 +116,8 @@ class TrainConfig:
     fast: bool = _setting(True, "the speed patches of oloraplus.fast; --no-fast: the plain PEFT + Trainer path")
     eval_batch_size: int = _setting(8, "batch size of the evaluation loss")
     generation_batch_size: int = _setting(64, "prompts generated at once in evaluation")
-    group_by_length: bool = _setting(True, "batch records of similar length; --no-group-by-length: random "
-                                     "batches (slower)")
+    group_by_length: bool = _setting(True, "batch records of similar length (faster; each batch is then "
+                                     "less mixed, see docs/speed.md); --no-group-by-length: random batches")
     head_on_labels_only: bool = _setting(True, "compute the LM head and the loss only where there are labels "
                                          "(the response tokens)")
     overwrite: bool = _setting(False, "replace a non-empty --output")
