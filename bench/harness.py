@@ -226,14 +226,16 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     return result
 
 
-def _overhead(model, examples, pad_id, cfg: BenchConfig, steps: int = 8) -> dict:
-    """Step time with ratio 16 vs ratio 1 on the same batches, interleaved step by step.
+def _overhead(model, examples, pad_id, cfg: BenchConfig, steps: int = 16) -> dict:
+    """Step time with ratio 16 vs ratio 1 on the same ``steps`` batches, interleaved step by step.
 
     Each batch is stepped once untimed first: the first step at a new length pays oneDNN's
     creation of that shape's matmul primitives (about 0.14 s a step on a Zen 5 host), which
     would otherwise fall on whichever ratio ran first. The two ratios also take turns going first,
     and the overhead is the median of the per-batch ratios: the batches differ in length, and a
-    ratio of medians over so few of them moved by 6% with the machine's noise alone.
+    ratio of medians over so few of them moved by 6% with the machine's noise alone. With 8 batches
+    the median of the per-batch ratios itself still moved by up to 11% from run to run; 16 halve
+    that (``bench/overhead_probe.py``, bench/NOTES.md).
     """
     from oloraplus.data.batching import collate
     from oloraplus.method.loss import response_loss
