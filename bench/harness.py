@@ -182,12 +182,10 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     generation and FLOP measurements, which the repeats over data orders skip."""
     from transformers import set_seed
 
-    from oloraplus.fast.memory import release_freed_memory
-    from oloraplus.fast.precision import prepare_for_compute
     from oloraplus.method.adapters import apply_olora
     from oloraplus.models.loading import default_device
     from oloraplus.training.config import TrainConfig
-    from oloraplus.training.recipe import build_trainer, load_base_model
+    from oloraplus.training.recipe import build_trainer, load_base_model, prepare_for_training
     from oloraplus.training.runtime import autocast, merged_for_eval
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
@@ -198,9 +196,7 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     _, train, evals = split_examples(cfg, tokenizer)
     set_seed(seed)
     model = apply_olora(model, tc.adapter_config())
-    prepare_for_compute(model, precision, device)
-    if gradient_checkpointing:  # as `oloraplus train` does
-        release_freed_memory(device)
+    prepare_for_training(model, tc, precision, device)  # as `oloraplus train` does
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(tc, model, tokenizer, train, Path(tmp), precision, device)
         reset = _reset_peak_rss()

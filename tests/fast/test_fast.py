@@ -544,6 +544,35 @@ def test_fast_off_runs_end_to_end_without_any_patch(tmp_path, tiny_checkpoint, r
 
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_freed_memory_policy_is_set_before_loading_or_after_preparation(tmp_path, tiny_checkpoint, records_file,
+                                                                        monkeypatch, checkpointing):
+    """--fast keeps freed memory for reuse from before the model is loaded; with
+    --gradient-checkpointing only after the model is prepared (the fp32 copies freed by the bf16
+    storage are then unmapped, not kept), after one release of the heap's free pages."""
+    from oloraplus.cli import main
+    from oloraplus.training import recipe
+
+    events = []
+
+    def recording(name, original=None):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return original(*args, **kwargs) if original else None
+        return wrapper
+
+    monkeypatch.setattr(recipe, "default_device", lambda: "cpu")
+    monkeypatch.setattr(recipe, "keep_freed_memory", recording("keep"))
+    monkeypatch.setattr(recipe, "release_freed_memory", recording("release"))
+    monkeypatch.setattr(recipe, "load_model", recording("load", recipe.load_model))
+    monkeypatch.setattr(recipe, "prepare_for_compute", recording("prepare", recipe.prepare_for_compute))
+    args = ["train", "--model", str(tiny_checkpoint), "--data", str(records_file), "--n-train", "8", "--n-eval", "3",
+            "--max-new-tokens", "2", "--no-progress", "--method", "olora", "--rank", "4", "--batch-size", "4",
+            "--max-steps", "1", "--output", str(tmp_path / "run")]
+    assert main([*args, *(["--gradient-checkpointing"] if checkpointing else [])]) == 0
+    assert events == (["load", "prepare", "release", "keep"] if checkpointing else ["keep", "load", "prepare"])
+
+
 def test_no_fast_refuses_fast_only_flags(tmp_path):
     from oloraplus.errors import UserError
     from oloraplus.training.config import TrainConfig

@@ -37,8 +37,9 @@ def release_freed_memory(device: str) -> bool:
     memory of a one-off phase stays in the process for its whole life: loading the model in fp32
     and storing its frozen weights in bf16 frees the fp32 copies (4 bytes per weight), and those
     pages would stay resident through training. ``oloraplus train --gradient-checkpointing`` (the
-    user chose memory over speed) calls it once after the model is prepared, before training; the
-    training's own blocks are still kept for reuse afterwards. Without checkpointing it is not
+    user chose memory over speed) sets :func:`keep_freed_memory` only after the model is prepared,
+    so that those copies are unmapped as they are freed, and calls this once before setting it; the
+    training's own blocks are kept for reuse afterwards. Without checkpointing it is not
     called: the fp32 pages are then reused by the training's first steps, which were slower with
     them handed back (bench/NOTES.md). Returns whether it ran.
     """

@@ -116,11 +116,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
     start = start_factors(model) if config.export else None  # B_0, A_0 for adapter-lora
     timings["init"] = time.perf_counter() - t
     if config.fast:  # the plain path trains the model as PEFT built it
-        prepare_for_compute(model, precision, device)
-        if config.gradient_checkpointing:  # memory over speed: the fp32 copies freed just now go back too
-            release_freed_memory(device)
-        if config.compile:
-            compile_layers(model, device)
+        prepare_for_training(model, config, precision, device)
 
     trainer = build_trainer(config, model, tokenizer, train_examples, out, precision, device)
     dynamics = None
@@ -310,13 +306,28 @@ def load_base_model(config: TrainConfig, device: str):
     """The base model and tokenizer as ``train`` and ``evaluate`` run them, and the resolved precision.
 
     With ``config.fast``, freed memory is kept for reuse first (``fast.memory.keep_freed_memory``),
-    so that the model's own allocations already follow that policy.
+    so that the model's own allocations already follow that policy; with ``--gradient-checkpointing``
+    (memory over speed) only after the model is prepared (:func:`prepare_for_training`), so that the
+    fp32 weights freed by the bf16 storage go back to the OS at once instead of raising the peak.
     """
     precision = resolve_precision(config.precision, device)
-    if config.fast:
+    if config.fast and not config.gradient_checkpointing:
         keep_freed_memory(device)
     model, tokenizer = load_model(config.model, device=device)
     return model, tokenizer, precision
+
+
+def prepare_for_training(model, config: TrainConfig, precision: str, device: str) -> None:
+    """The ``--fast`` preparation of an adapted model for training, as ``train`` and the bench run it:
+    ``fast.precision.prepare_for_compute``; with ``--gradient-checkpointing`` the freed memory handed
+    back once (``fast.memory.release_freed_memory``), then kept for reuse (see :func:`load_base_model`);
+    with ``--compile`` the decoder layers compiled."""
+    prepare_for_compute(model, precision, device)
+    if config.gradient_checkpointing:
+        release_freed_memory(device)
+        keep_freed_memory(device)
+    if config.compile:
+        compile_layers(model, device)
 
 
 @releases_output
