@@ -177,9 +177,10 @@ def child_configured(cfg: BenchConfig, seed: int, **kwargs) -> dict:
 
 
 def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_checkpointing: bool = False,
-               evaluate: bool = True) -> dict:
+               evaluate: bool = True, group_by_length: bool = True) -> dict:
     """``oloraplus train``'s pipeline and the eval loss; then (``measure_all``) the overhead,
-    generation and FLOP measurements, which the repeats over data orders skip."""
+    generation and FLOP measurements, which the repeats over data orders skip.
+    ``group_by_length=False``: random batches (``--no-group-by-length``; ``bench/grouping_probe.py``)."""
     from transformers import set_seed
 
     from oloraplus.method.adapters import apply_olora
@@ -190,7 +191,7 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
 
     tc = TrainConfig(output="unused", model=cfg.model, data=cfg.data, method="olora-plus", ratio=cfg.ratio,
                      n_train=cfg.n_train, n_eval=cfg.n_eval, seed=seed, batch_size=cfg.batch_size,
-                     progress=False, gradient_checkpointing=gradient_checkpointing)
+                     progress=False, gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length)
     device = default_device()
     model, tokenizer, precision = load_base_model(tc, device)  # the reference keeps glibc's malloc defaults
     _, train, evals = split_examples(cfg, tokenizer)
