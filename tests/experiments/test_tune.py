@@ -221,6 +221,28 @@ def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tiny_che
 
 
 @pytest.mark.slow
+def test_a_worker_moves_on_to_the_next_method_instead_of_waiting(tiny_checkpoint, records_file, tmp_path, capsys):
+    # one trial per method and two workers: the second finds the first method taken and starts the
+    # second at once, so the two trials overlap in time (a worker that waited would start it only
+    # after the first finished)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    code = main(tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--methods", "olora", "olora-plus",
+                          "--trials", "1", "--workers", "2", "--storage", storage,
+                          "--max-steps", "40", "--eval-steps", "40"))  # trials of some seconds
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    name = f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}"
+    done = {}
+    for method in ("olora", "olora-plus"):
+        finished = [t for t in study_trials(storage, f"{name}.{method}") if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(finished) == 1
+        done[method] = finished[0]
+    first, second = sorted(done.values(), key=lambda t: t.datetime_start)
+    assert second.datetime_start < first.datetime_complete, (first.datetime_start, first.datetime_complete,
+                                                              second.datetime_start)
+
+
+@pytest.mark.slow
 def test_a_killed_workers_trial_does_not_count_and_is_replaced_on_resume(tiny_checkpoint, records_file, tmp_path,
                                                                           capsys):
     import os

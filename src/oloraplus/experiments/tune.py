@@ -19,8 +19,9 @@ only while finished + running trials are below it; a trial that started over it 
 workers deciding at the same moment) is marked FAIL at once with the user attribute
 ``over_budget``. A killed worker's trial stays RUNNING in the storage: with a database storage
 each trial records a heartbeat, and a trial whose heartbeat is older than the grace period is
-marked FAIL by the next worker (a worker with nothing left to start waits for the running trials
-so that it can replace a dead one). The journal file has no heartbeat: after a killed worker,
+marked FAIL by the next worker. A worker serves the methods in their order and passes over a
+method whose rest of the budget is running elsewhere; with nothing left to start anywhere it waits
+for the running trials, so that it can replace a dead one. The journal file has no heartbeat: after a killed worker,
 ``--fail-running`` (with no other worker running) marks its trials FAIL. Failed trials never count.
 
 Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters and validation
@@ -411,7 +412,15 @@ def _alive(pid: int) -> bool:
 
 
 def run_worker(spec: TuneSpec, say=print) -> None:
-    """Run trials of each method's study until its budget is finished (one worker; see the module doc)."""
+    """Run trials of each method's study until every budget is finished (one worker; see the module doc).
+
+    The methods are served in their order: the worker starts its next trial in the first method
+    whose finished + running trials are below the budget. A method whose rest of the budget is
+    taken by other workers' running trials is passed over, not waited for, so N workers on a study
+    of several methods stay busy until the last trials; only when every unfinished method is in that
+    state does the worker wait (with a database storage: one of those trials may be a dead worker's,
+    failed by its heartbeat and then replaced).
+    """
     optuna = _optuna()
     storage = open_storage(spec.storage_url, spec.heartbeat)
     if not spec.flags.get("progress", False):  # trials run without progress bars unless --progress
@@ -419,12 +428,15 @@ def run_worker(spec: TuneSpec, say=print) -> None:
 
         hf_logging.disable_progress_bar()
     running_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    studies = {}
     for method in spec.methods:
         sampler, pruner = _sampler_and_pruner(spec)  # a sampler keeps state of one study
         study = optuna.load_study(study_name=spec.study(method), storage=storage, sampler=sampler, pruner=pruner)
-        objective = _objective(spec, method, study, say)
-        waiting = False
-        while True:
+        studies[method] = (study, _objective(spec, method, study, say))
+    waiting: set[str] = set()
+    while True:
+        started = pending = False
+        for method, (study, objective) in studies.items():
             with warnings.catch_warnings():  # "experimental" in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL (database storages)
@@ -432,16 +444,23 @@ def run_worker(spec: TuneSpec, say=print) -> None:
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in _counted(optuna) for t in trials)
             running = sum(t.state in running_states for t in trials)
-            if finished >= spec.trials or (finished + running >= spec.trials and not has_heartbeat(storage)):
-                break
-            if finished + running >= spec.trials:  # wait: a running trial may be a dead worker's
-                if not waiting:
-                    say(f"{method}: waiting for {running} running trial(s) of other workers")
-                    waiting = True
-                time.sleep(min(5.0, spec.heartbeat))
+            if finished >= spec.trials:
                 continue
-            waiting = False
+            if finished + running >= spec.trials:  # taken by running trials; one may be a dead worker's
+                if has_heartbeat(storage):
+                    pending = True
+                    if method not in waiting:
+                        say(f"{method}: the rest of the budget is running in other workers")
+                        waiting.add(method)
+                continue
+            waiting.discard(method)
             study.optimize(objective, n_trials=1, catch=(_OverBudget,), gc_after_trial=True)
+            started = True
+            break  # look again from the first method: earlier methods are served first
+        if not started:
+            if not pending:
+                return
+            time.sleep(min(5.0, spec.heartbeat))
 
 
 def tune(spec: TuneSpec, say=print) -> dict:
