@@ -224,23 +224,31 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
 
 
 def _overhead(model, examples, pad_id, cfg: BenchConfig, steps: int = 16) -> dict:
-    """Step time with ratio 16 vs ratio 1 on the same ``steps`` batches, interleaved step by step.
+    """Step time with ratio 16 vs ratio 1 on ``steps`` batches of ``examples`` (:func:`overhead_on_batches`).
+
+    With 8 batches the median of the per-batch ratios still moved by up to 11% from run to run;
+    16 halve that (``bench/overhead_probe.py``, bench/NOTES.md).
+    """
+    from oloraplus.data.batching import collate
+
+    starts = [(k * cfg.batch_size) % max(1, len(examples) - cfg.batch_size + 1) for k in range(steps)]
+    return overhead_on_batches(model, [collate(examples[i : i + cfg.batch_size], pad_id) for i in starts])
+
+
+def overhead_on_batches(model, batches: list[dict]) -> dict:
+    """Step time with ratio 16 vs ratio 1 on the same batches, interleaved step by step.
 
     Each batch is stepped once untimed first: the first step at a new length pays oneDNN's
     creation of that shape's matmul primitives (about 0.14 s a step on a Zen 5 host), which
     would otherwise fall on whichever ratio ran first. The two ratios also take turns going first,
     and the overhead is the median of the per-batch ratios: the batches differ in length, and a
-    ratio of medians over so few of them moved by 6% with the machine's noise alone. With 8 batches
-    the median of the per-batch ratios itself still moved by up to 11% from run to run; 16 halve
-    that (``bench/overhead_probe.py``, bench/NOTES.md).
+    ratio of medians over so few of them moved by 6% with the machine's noise alone. The trainable
+    parameters are restored afterwards. Runs under the caller's autocast.
     """
-    from oloraplus.data.batching import collate
     from oloraplus.method.loss import response_loss
     from oloraplus.method.optim import create_optimizer
 
     model.train()
-    starts = [(k * cfg.batch_size) % max(1, len(examples) - cfg.batch_size + 1) for k in range(steps)]
-    batches = [collate(examples[i : i + cfg.batch_size], pad_id) for i in starts]
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     times = {1.0: [], 16.0: []}
     optimizers = {r: create_optimizer(model, lr=3e-4, ratio=r) for r in times}

@@ -10,14 +10,12 @@ import sys
 
 from bench.harness import BenchConfig, _overhead, split_examples
 from bench.probe_setup import training_model_and_batches
-from oloraplus.models.loading import load_model
 from oloraplus.training.runtime import autocast
 
 
 def main() -> None:
     name, steps, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    model, _ = training_model_and_batches(name)
-    tokenizer = load_model(name)[1]  # the tokenizer as the bench splits the records with it
+    model, _, tokenizer = training_model_and_batches(name, with_tokenizer=True)
     cfg = BenchConfig(model=name, n_train=128, n_eval=8)
     _, train, _ = split_examples(cfg, tokenizer)
     for r in range(repeats):

@@ -19,7 +19,9 @@ from oloraplus.training.config import TrainConfig
 from oloraplus.training.runtime import autocast
 
 
-def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | None = None):
+def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | None = None,
+                               with_tokenizer: bool = False):
+    """``(model, batches)``, or ``(model, batches, tokenizer)`` with ``with_tokenizer``."""
     keep_freed_memory("cpu")
     model, tok = load_model(name)
     if lengths:
@@ -38,7 +40,7 @@ def training_model_and_batches(name: str = "smollm2-135m", lengths: list[int] | 
     prepare_for_compute(model, "bf16", "cpu")
     model.train()
     use_attention(model, GROUPED)
-    return model, batches
+    return (model, batches, tok) if with_tokenizer else (model, batches)
 
 
 def forward_backward(model, batch) -> float:

@@ -12,15 +12,16 @@ Also times the OLoRA+ (ratio 16) against the OLoRA (ratio 1) step with denormals
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.harness import overhead_on_batches
 from bench.probe_setup import forward_backward, training_model_and_batches
 from oloraplus.method.optim import create_optimizer
+from oloraplus.training.runtime import autocast
 
 MATMUL = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "mkldnn", "_linear")
 ATTENTION = ("softmax", "_softmax", "scaled_dot_product", "_log_softmax", "masked_fill")
@@ -69,26 +70,13 @@ def profile_steps(model, batches, optimizer) -> dict:
 
 
 def overhead(model, batches, flush: bool) -> float:
-    """Median per-batch ratio of the ratio-16 step time to the ratio-1 step time, alternated."""
+    """The bench's OLoRA+ (16) / OLoRA (1) step ratio on these batches, denormals flushed or not."""
     torch.set_flush_denormal(flush)
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizers = {r: create_optimizer(model, lr=3e-4, ratio=r) for r in (1.0, 16.0)}
-    ratios = []
-    for k, batch in enumerate(batches):
-        times = {}
-        for ratio in sorted(optimizers, reverse=k % 2 == 1):
-            t = time.perf_counter()
-            forward_backward(model, batch)
-            optimizers[ratio].step()
-            optimizers[ratio].zero_grad(set_to_none=True)
-            times[ratio] = time.perf_counter() - t
-        ratios.append(times[16.0] / times[1.0])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in state:
-                p.copy_(state[n])
-    torch.set_flush_denormal(False)
-    return statistics.median(ratios)
+    try:
+        with autocast("bf16", "cpu"):
+            return overhead_on_batches(model, batches)["olora_plus_overhead"]
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def main(argv: list[str]) -> None:
