@@ -36,6 +36,7 @@ Reported (printed as a table and written as JSON):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -543,22 +544,33 @@ def paper_size_checkpoint(folder: Path, data: str, shape: dict) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def paper_size_config(data: str, settings: dict):
+    """The bench config of the paper-size rows, over a random checkpoint of ``settings["shape"]``
+    that lives as long as the context."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = paper_size_checkpoint(Path(tmp) / "paper-size", data, settings["shape"])
+        yield BenchConfig(model=str(folder), data=data, n_train=settings["n_train"], n_eval=8,
+                          batch_size=settings["batch_size"], orders=1)
+
+
+def run_paper_size_stack(kind: str, cfg: BenchConfig, checkpointing: bool) -> dict:
+    """One stack's few training steps on the paper-size model, in a child process (no evaluation)."""
+    extra = {"measure_all": False} if kind == "ours" else {}
+    return _run_child(kind, cfg, seed=cfg.seed, gradient_checkpointing=checkpointing, evaluate=False, **extra)
+
+
 def run_paper_size(data: str, settings: dict) -> dict:
     """Each stack a few steps on the paper-size model, with and without gradient checkpointing:
     useful tokens/s and peak RSS during training (no evaluation: the weights are random)."""
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        print("[paper size] building the random TinyLlama-1.1B-shaped checkpoint ...", flush=True)
-        folder = paper_size_checkpoint(Path(tmp) / "paper-size", data, settings["shape"])
-        cfg = BenchConfig(model=str(folder), data=data, n_train=settings["n_train"], n_eval=8,
-                          batch_size=settings["batch_size"], orders=1)
+    print("[paper size] building the random TinyLlama-1.1B-shaped checkpoint ...", flush=True)
+    with paper_size_config(data, settings) as cfg:
         for checkpointing in (False, True):
             for kind in STACKS:
                 label = f"{kind}{' + gradient checkpointing' if checkpointing else ''}"
                 print(f"[paper size] {label}: {cfg.n_train} records ...", flush=True)
-                extra = {"measure_all": False} if kind == "ours" else {}
-                r = _run_child(kind, cfg, seed=cfg.seed, gradient_checkpointing=checkpointing, evaluate=False,
-                               **extra)
+                r = run_paper_size_stack(kind, cfg, checkpointing)
                 rows[f"{kind}{'_checkpointing' if checkpointing else ''}"] = {
                     k: r[k] for k in ("tokens", "seconds", "tokens_per_second", "peak_rss_mb", "train_peak_rss_mb",
                                       "precision")}

@@ -8,11 +8,10 @@ Run from the repo root: .venv/bin/python -m bench.paper_size_memory_probe OUTPUT
 """
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import PAPER_SIZE, BenchConfig, _run_child, machine, paper_size_checkpoint
+from bench.harness import PAPER_SIZE, machine, paper_size_config, run_paper_size_stack
 from oloraplus.data.records import DEFAULT_DATA
 from oloraplus.training.provenance import library_versions
 
@@ -20,15 +19,11 @@ from oloraplus.training.provenance import library_versions
 def main() -> None:
     output, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
     result = {"machine": machine(), "versions": library_versions(), "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = paper_size_checkpoint(Path(tmp) / "paper-size", DEFAULT_DATA, PAPER_SIZE["shape"])
-        cfg = BenchConfig(model=str(folder), n_train=PAPER_SIZE["n_train"], n_eval=8,
-                          batch_size=PAPER_SIZE["batch_size"], orders=1)
+    with paper_size_config(DEFAULT_DATA, PAPER_SIZE) as cfg:
         for k in range(rounds):
             for kind in ("ours", "configured"):
-                extra = {"measure_all": False} if kind == "ours" else {}
                 t = time.perf_counter()
-                r = _run_child(kind, cfg, seed=cfg.seed, gradient_checkpointing=True, evaluate=False, **extra)
+                r = run_paper_size_stack(kind, cfg, checkpointing=True)
                 row = {"stack": kind, "round": k, "wall_seconds": time.perf_counter() - t,
                        **{key: r[key] for key in ("tokens_per_second", "train_peak_rss_mb", "peak_rss_mb")}}
                 result["rows"].append(row)
