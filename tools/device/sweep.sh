@@ -7,16 +7,7 @@
 set -u
 T0=$SECONDS
 DEADLINE=${DEADLINE:-470}
-S=/root/stage
-cp .dev2/gguf.part2 "$S/" 2>/dev/null
-cat "$S/gguf.part1" "$S/gguf.part2" > "$S/SmolLM2-135M-Instruct.Q4_1.gguf"
-(cd "$S" && sha256sum -c gguf.sha256) || exit 1
-[ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$S"/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OLORAPLUS_HOME=/root/oloraplus HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error OMP_NUM_THREADS=2
-mkdir -p ../shared/data/alpaca && gunzip -c "$S/alpaca_data.json.gz" > ../shared/data/alpaca/alpaca_data.json
-(cd ../shared/data/alpaca && sha256sum -c "$S/alpaca.sha256") || exit 1
-python3 -c "from oloraplus.models import convert_gguf, oloraplus_home; convert_gguf('$S/SmolLM2-135M-Instruct.Q4_1.gguf', oloraplus_home() / 'models' / 'smollm2-135m')" || exit 1
-sha256sum /root/oloraplus/models/smollm2-135m/model.safetensors | tee "$OUT/model.sha256"
+. tools/device/setup.sh
 W=/root/sweep-smollm2 && mkdir -p "$W"
 echo "setup done at $((SECONDS - T0)) s"
 for R in 1/16 1/8 1/4 1/2 1 2 4 8 16; do
