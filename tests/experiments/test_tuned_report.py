@@ -180,6 +180,24 @@ def test_a_large_difference_is_flagged_and_none_is_no_difference_shown(tmp_path)
     assert tr.build_tuned_report(tmp_path, resamples=2000).markdown.read_text() == text
 
 
+@pytest.mark.parametrize("shift", [0.0, -0.9])  # 100x the sequence loss: about 150 (outside), about 82 (inside)
+def test_the_paper_scale_section_says_where_100x_each_loss_lands(tmp_path, shift):
+    # response loss per token ~ base + shift; the fixture's sequence loss is 1.5x the response sum over 2x
+    # the tokens, so 0.75x the response loss
+    write_study(tmp_path, {"olora": shift, "olora-plus": shift}, seeds=(0, 1))
+    summary = tr.compare(tr.read_final_runs(tmp_path / "final"), resamples=100)
+    text = tr.render_markdown(summary)
+    line = text.split("## The paper's eval loss (75-88)")[1].strip().splitlines()[0]
+    response = [100 * r.metrics["eval_loss"] for r in summary.runs]
+    sequence = [75 * r.metrics["eval_loss"] for r in summary.runs]
+    assert f"response-only eval loss of the 4 final runs spans {min(response):.1f}-{max(response):.1f}" in line
+    assert f"whole-sequence (prompt + response) loss of the 4 final runs spans {min(sequence):.1f}-{max(sequence):.1f}" in line
+    inside = sum(75 <= v <= 88 for v in sequence)
+    expected = "all inside" if inside == 4 else "none inside" if inside == 0 else f"{inside} of 4 inside"
+    assert f"({expected} the paper's 75-88)" in line.split("whole-sequence")[1]
+    assert expected == ("none inside" if shift == 0 else "all inside")  # the fixture is what the comment says
+
+
 def test_the_lambda_section_signs_plus_minus_single(tmp_path):
     write_study(tmp_path, {"olora": 0.2, "olora-plus": 0.0}, seeds=(0, 1, 2))
     summary = tr.compare(tr.read_final_runs(tmp_path / "final"), resamples=500)

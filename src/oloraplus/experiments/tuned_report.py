@@ -476,6 +476,29 @@ def _methods_table(summary: TunedSummary) -> list[str]:
     return md_table(["method", "lr_A", "λ", "seeds", "eval loss", "sequence loss", "BLEU", "ROUGE-L"], rows)
 
 
+PAPER_EVAL_LOSS = (75.0, 88.0)  # the range of the paper's "eval loss" column (shared/paper tables), unit not stated
+
+
+def _paper_scale_text(summary: TunedSummary) -> str:
+    """Whether 100x either of our cross-entropies (per final run) lands in the paper's eval-loss range."""
+    low, high = PAPER_EVAL_LOSS
+    measures = {"response-only eval loss": [100 * float(r.metrics[PRIMARY]) for r in summary.runs]}
+    seq = [100 * token_weighted(r.losses["sequence_loss_sum"], r.losses["sequence_tokens"])
+           for r in summary.runs if r.losses]
+    if seq:
+        measures["whole-sequence (prompt + response) loss"] = seq
+    parts = []
+    for name, values in measures.items():
+        inside = sum(low <= v <= high for v in values)
+        where = ("all inside" if inside == len(values) else "none inside" if inside == 0
+                 else f"{inside} of {len(values)} inside")
+        parts.append(f"100 × the {name} of the {len(values)} final runs spans {min(values):.1f}-{max(values):.1f} "
+                     f"({where} the paper's {low:g}-{high:g})")
+    return ("The paper reports an \"eval loss\" of 75-88 without a unit. " + "; ".join(parts) + ". Whether the "
+            "paper's numbers are 100 × a mean cross-entropy can be judged only from this: the models and data "
+            "sizes differ from the paper's.")
+
+
 def _tuning_table(summary: TunedSummary) -> list[str]:
     rows = []
     for method in summary.methods:
@@ -544,6 +567,7 @@ def render_markdown(summary: TunedSummary) -> str:
               ("Eval loss: mean response-token cross-entropy (nats), the primary metric. Sequence loss: the "
                "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation."),
               ""]
+    lines += ["## The paper's eval loss (75-88)", "", _paper_scale_text(summary), ""]
     lines += ["## Best settings and their spread", ""]
     if summary.trials:
         lines += [*_tuning_table(summary), "",
