@@ -367,6 +367,10 @@ def _tune_command(args) -> int:
         if "val_loss" in entry:
             params = "  ".join(f"{k} {v:.4g}" for k, v in entry["params"].items())
             print(f"{method}: best val_loss {entry['val_loss']:.4f}  {params}  (trial {entry['trial']}; {counts})")
+            for edge in entry["near_edge"]:
+                flag, side = edge.rsplit(" ", 1)
+                print(f"{method}: the best setting is near the {side} end of {flag}: the optimum may lie beyond "
+                      f"it; widen that side and run more trials")
         else:
             print(f"{method}: no complete trial ({counts or 'none run'})")
     for name in ("best.json", "trials.csv", "figure_val_loss_vs_lr.png"):

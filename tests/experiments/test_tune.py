@@ -111,6 +111,11 @@ def study_trials(storage: str, name: str):
 def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, records_file, tmp_path, capsys):
     import csv
 
+    from oloraplus.experiments.tune import TuneSpec, near_edge
+
+    def spec_of(out):  # the searched ranges of the command below
+        return TuneSpec(model="m", methods=[], trials=2, output=str(out), lr_range=(1e-3, 1e-1), ratio_range=(0.25, 4))
+
     out = tmp_path / "tune"
     code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "2",
                           "--lr-range", "1e-3", "1e-1", "--ratio-range", "1/4", "4"))
@@ -130,6 +135,11 @@ def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, rec
         # the objective is the trial run's validation loss, never an eval metric
         trial = json.loads((out / "trials" / method / f"{entry['trial']:04d}" / "results.json").read_text())
         assert trial["metrics"] == {"val_loss": entry["val_loss"]}
+        # the edge check, as the command prints it
+        assert entry["near_edge"] == near_edge(spec_of(out), entry["params"])
+        for edge in entry["near_edge"]:
+            flag, side = edge.rsplit(" ", 1)
+            assert f"{method}: the best setting is near the {side} end of {flag}" in captured.out
     assert "ratio" not in best["methods"]["olora"]["params"]
     assert 0.25 <= best["methods"]["olora-plus"]["params"]["ratio"] <= 4
     assert (out / "figure_val_loss_vs_lr.png").stat().st_size > 0
@@ -197,6 +207,22 @@ def test_tune_takes_train_flags_from_a_config_file_but_not_the_searched_ones(tin
                           str(config))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'lr' does not apply to this command" in err, err
+
+
+def test_a_best_setting_near_an_end_of_its_range_is_flagged():
+    from oloraplus.experiments.tune import TuneSpec, near_edge
+
+    spec = TuneSpec(model="m", methods=["olora-plus"], trials=1, output="unused", lr_range=(1e-6, 1e-2),
+                    ratio_range=(1 / 64, 64.0), dropout_range=(0.0, 0.2))
+    assert near_edge(spec, {"lr": 3e-4, "ratio": 0.5, "dropout": 0.1}) == []
+    assert near_edge(spec, {"lr": 1.9e-6, "ratio": 0.5}) == ["--lr-range low"]  # within 2x of 1e-6
+    assert near_edge(spec, {"lr": 2.1e-6, "ratio": 0.5}) == []
+    assert near_edge(spec, {"lr": 6e-3, "ratio": 40.0}) == ["--lr-range high", "--ratio-range high"]
+    assert near_edge(spec, {"lr": 3e-4, "ratio": 1 / 40}) == ["--ratio-range low"]
+    assert near_edge(spec, {"lr": 3e-4, "dropout": 0.0}) == []  # no dropout is an answer, not an edge
+    assert near_edge(spec, {"lr": 3e-4, "dropout": 0.19}) == ["--dropout-range high"]
+    untuned = TuneSpec(model="m", methods=["olora"], trials=1, output="unused", dropout_range=None)
+    assert near_edge(untuned, {"lr": 1e-4, "dropout": 0.05}) == []  # a fixed dropout has no range
 
 
 @pytest.mark.slow

@@ -552,6 +552,33 @@ def stored_methods(spec: TuneSpec, storage) -> list[str]:
     return [m for m in METHODS if spec.study(m) in names]
 
 
+EDGE_FACTOR = 2.0  # results/tuned/PLAN.md's edge rule: within a factor 2 of an end of a log range
+
+
+def near_edge(spec: TuneSpec, params: dict) -> list[str]:
+    """The searched ranges whose end the best setting lies near: ``"--lr-range low"`` and the like.
+
+    For the log ranges (lr, ratio) "near" is within a factor :data:`EDGE_FACTOR` of an end; for the
+    dropout range, within a tenth of its width (its low end only when above 0). A best setting near an end means the optimum may lie
+    outside the range: widen that side and run more trials.
+    """
+    ranges = {"lr": ("--lr-range", spec.lr_range), "ratio": ("--ratio-range", spec.ratio_range),
+              "dropout": ("--dropout-range", spec.dropout_range)}
+    found = []
+    for key, value in params.items():
+        flag, bounds = ranges[key]
+        if bounds is None:  # dropout not tuned: a fixed value, no range
+            continue
+        low, high = bounds
+        if key == "dropout":  # a best dropout near 0 is an answer, not a range too narrow
+            margin = (high - low) / 10
+            at_low, at_high = low > 0 and value <= low + margin, value >= high - margin
+        else:
+            at_low, at_high = value <= low * EDGE_FACTOR, value >= high / EDGE_FACTOR
+        found += [f"{flag} low"] * at_low + [f"{flag} high"] * at_high
+    return found
+
+
 def write_outputs(spec: TuneSpec, storage) -> dict:
     """``best.json``, ``trials.csv`` and the figures from the studies in ``storage``."""
     out = Path(spec.output)
@@ -566,7 +593,8 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
         if complete:
             top = best_trial(complete)
             params = {k: top[k] for k in ("lr", "ratio", "dropout") if top[k] is not None}
-            entry.update(trial=top["number"], val_loss=top["val_loss"], params=params, output=top["output"])
+            entry.update(trial=top["number"], val_loss=top["val_loss"], params=params, output=top["output"],
+                         near_edge=near_edge(spec, params))
         best["methods"][method] = entry
     write_json_atomic(out / "best.json", best)
     _figure_val_loss_vs_lr(rows, spec.methods, out / "figure_val_loss_vs_lr.png")
