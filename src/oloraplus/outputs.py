@@ -505,3 +505,33 @@ def waiting_lock(path: str | Path):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def shared_work_claim(path: str | Path):
+    """Claim one piece of work shared out between processes; yields whether this process has it.
+
+    Takes an exclusive ``flock`` on the file ``path`` without waiting: ``True`` and held for the
+    block, or ``False`` at once when another process holds it (that process is doing the work;
+    pass it over). The kernel drops the lock when its process dies, so a killed worker's piece is
+    free again. The file stays (an empty marker); without POSIX locks every claim succeeds.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -174,6 +174,87 @@ def test_run_grid_runs_each_spec_once_and_skips_completed(tmp_path, fake):
     assert read_lines(tmp_path / "runs.jsonl") == rows  # no duplicates
 
 
+def test_a_run_claimed_by_another_process_is_passed_over_and_one_finished_meanwhile_is_not_redone(tmp_path,
+                                                                                                  monkeypatch):
+    from oloraplus.outputs import shared_work_claim
+
+    specs = expand_grid(**SPECS_ARGS)
+    busy, finished_elsewhere = specs[1], specs[2]
+    other = FakeTrain()
+
+    class Neighbour(FakeTrain):  # while this process trains the first run, "another" finishes specs[2]
+        def __call__(self, config):
+            if not self.calls:
+                other(finished_elsewhere.config(tmp_path / "runs" / finished_elsewhere.folder))
+            return super().__call__(config)
+
+    fake = Neighbour()
+    monkeypatch.setattr(experiments, "train", fake)
+    with shared_work_claim(experiments.claim_path(tmp_path, f"runs/{busy.folder}")) as mine:
+        assert mine
+        outcome = run_grid(specs, tmp_path, log=lambda s: None)
+    assert outcome.ok and outcome.elsewhere == [busy.key]
+    assert outcome.skipped == [finished_elsewhere.key]  # recorded from the other process's results, not redone
+    assert sorted(fake.calls) == sorted(Path(s.folder).name for s in specs if s not in (busy, finished_elsewhere))
+    keys = [r["key"] for r in read_lines(tmp_path / "runs.jsonl")]
+    assert sorted(keys) == sorted(s.key for s in specs if s is not busy)
+    again = run_grid(specs, tmp_path, log=lambda s: None)  # the claim is released: now it runs
+    assert again.done == [busy.key] and not again.elsewhere
+    assert sorted(r["key"] for r in read_lines(tmp_path / "runs.jsonl")) == sorted(s.key for s in specs)
+
+
+def test_a_claim_is_held_for_its_block_and_free_after_it(tmp_path):
+    from oloraplus.outputs import shared_work_claim
+
+    path = tmp_path / "claims" / "x.lock"
+    with shared_work_claim(path) as first, shared_work_claim(path) as second:  # a second open file: as another process
+        assert first and not second
+    with shared_work_claim(path) as again:
+        assert again
+
+
+_GRID_WORKER = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import test_experiments as t
+import oloraplus.experiments.grid as grid
+grid.local_data_file = lambda data: None
+grid.resolve_model = lambda name: name
+fake = t.FakeTrain()
+def slow(config):
+    with open(sys.argv[2], "a") as f:
+        f.write(Path(config.output).name + "\\n")
+    time.sleep(1.0)
+    return fake(config)
+grid.train = slow
+outcome = grid.run_grid(grid.expand_grid(**t.SPECS_ARGS), sys.argv[1], log=lambda s: None)
+print(json.dumps({"done": len(outcome.done), "elsewhere": len(outcome.elsewhere), "failed": len(outcome.failed)}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_grid_and_run_each_run_once(tmp_path):
+    import subprocess
+    import sys
+
+    calls = tmp_path / "calls.txt"
+    cmd = [sys.executable, "-c", _GRID_WORKER, str(tmp_path / "grid"), str(calls), str(Path(__file__).parent)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    specs = expand_grid(**SPECS_ARGS)
+    names = calls.read_text().split()
+    assert sorted(names) == sorted(Path(s.folder).name for s in specs)  # each run trained once, by one process
+    assert sum(r["done"] for r in results) == len(specs) and not any(r["failed"] for r in results)
+    assert all(r["done"] for r in results)  # both worked: started together, 6 runs of 1 s
+    rows = read_lines(tmp_path / "grid" / "runs.jsonl")
+    assert sorted(r["key"] for r in rows) == sorted(s.key for s in specs)  # one row each, none lost
+
+
 def test_incomplete_folder_is_redone(tmp_path, fake):
     specs = expand_grid(**SPECS_ARGS)
     leftover = tmp_path / "runs" / specs[2].folder

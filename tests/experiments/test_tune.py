@@ -423,7 +423,7 @@ def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_th
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    folders = sorted(p.name for p in (out / "final").iterdir() if p.is_dir())
+    folders = sorted(p.name for p in (out / "final").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert folders == ["olora-plus-s0", "olora-plus-s1", "olora-s0", "olora-s1"]
     assert len(calls) == 4
     for config in calls:
@@ -464,6 +464,29 @@ def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_th
     assert [r["method"] for r in every] == ["lora"] * 2 + ["olora"] * 4 + ["olora-plus"] * 4
     report = (out / "report.md").read_text()
     assert "| LoRA − OLoRA |" in report and "no complete trial" not in report
+
+
+def test_final_runs_shared_with_another_process_leave_the_report_to_the_last_one(
+        tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
+    from oloraplus.experiments.grid import claim_path
+    from oloraplus.outputs import shared_work_claim
+
+    calls: list = []
+    monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
+    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+    out = tmp_path / "tune"
+    argv = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "2",
+                     "--final-seeds", "1")
+    with shared_work_claim(claim_path(out / "final", "olora-plus-s0")):  # "another process" runs this one
+        code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [(c.method, c.seed) for c in calls] == [("olora", 0)]
+    assert "1 final run(s) still running in another process (olora-plus-s0)" in captured.out
+    assert not (out / "report.md").exists()
+    assert main(argv) == 0, capsys.readouterr().err  # the last process (here: the same command again)
+    assert [(c.method, c.seed) for c in calls] == [("olora", 0), ("olora-plus", 0)]
+    assert "| OLoRA+ − OLoRA |" in (out / "report.md").read_text()
 
 
 def test_final_seeds_need_a_complete_trial_per_method(tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):

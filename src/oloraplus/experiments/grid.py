@@ -33,6 +33,7 @@ from oloraplus.experiments.report import read_runs
 from oloraplus.files import append_jsonl_atomic, sha256_file, write_text_atomic
 from oloraplus.method.registry import METHODS, get_method
 from oloraplus.models.loading import resolve_model
+from oloraplus.outputs import shared_work_claim, waiting_lock
 from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
 from oloraplus.training.recipe import train
 
@@ -50,6 +51,8 @@ DEFAULT_SEEDS = 3
 _GRID_FIELDS = {"output", "model", "method", "ratio", "seed", "overwrite", "evaluate"}
 
 TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if f.name not in _GRID_FIELDS)
+
+CLAIMS_DIR = ".claims"  # one lock file per run being worked on, so that several processes share a grid
 
 RUNS_FILE = "runs.jsonl"
 
@@ -274,6 +277,7 @@ class GridOutcome:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # claimed by another process on the same grid
 
     @property
     def ok(self) -> bool:
@@ -338,13 +342,17 @@ def run_row(spec: RunSpec, results: dict, run_dir: str, wall_seconds: float | No
 
 
 def _record(runs_file: Path, row: dict, known: set[str]) -> None:
-    """Add a row, or replace the row of the same key (a run folder deleted and redone)."""
-    if row["key"] not in known:
-        append_jsonl_atomic(runs_file, row)
+    """Add a row, or replace the row of the same key (a run folder deleted and redone).
+
+    Under a lock (in the grid's claims folder), reading it afresh: several processes may work on one grid."""
+    with waiting_lock(runs_file.parent / CLAIMS_DIR / f"{runs_file.name}.lock"):
+        rows = read_runs(runs_file)
         known.add(row["key"])
-        return
-    rows = [row if r.get("key") == row["key"] else r for r in read_runs(runs_file)]
-    write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        if all(r.get("key") != row["key"] for r in rows):
+            append_jsonl_atomic(runs_file, row)
+            return
+        rows = [row if r.get("key") == row["key"] else r for r in rows]
+        write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def _reuse_finished(spec: RunSpec, reuse: Sequence[Path], target: Path,
@@ -381,6 +389,11 @@ def run_grid(
 ) -> GridOutcome:
     """Run every spec not yet complete into ``output_dir/<runs_dir>/<folder>`` (``runs_dir`` "": right
     in ``output_dir``).
+
+    Several processes may run the same grid at once (the same command started N times): each run
+    is claimed by one of them (:func:`claim_path`, a lock the kernel drops with its process), the
+    others pass it over (``outcome.elsewhere``), and a run finished by another process meanwhile is
+    recorded, not redone.
 
     A finished run with the same settings in one of the ``reuse`` grid folders is copied instead.
 
@@ -420,43 +433,66 @@ def run_grid(
     for i, spec in enumerate(specs, start=1):
         prefix = f"[{i}/{total}] {spec.label}"
         rel = (Path(runs_dir) / spec.folder).as_posix()
-        results = existing[spec.key]
-        if results is not None:
-            if spec.key not in known:  # finished, but the process died before its line was added
-                _record(runs_file, run_row(spec, results, rel), known)
-            log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
-            outcome.skipped.append(spec.key)
-            continue
-        copied = _reuse_finished(spec, [Path(r) for r in reuse], out / rel, data_hashes)
-        if copied is not None:
-            _record(runs_file, run_row(spec, copied, rel), known)
-            log(f"{prefix} ... copied from a finished run (eval_loss {copied['metrics']['eval_loss']:.4f})")
-            outcome.skipped.append(spec.key)
-            continue
-        log(f"{prefix} ...")
-        start = time.perf_counter()
-        try:
-            results = train(spec.config(out / rel))
-        except Exception as exc:  # one broken run must not cost the rest of the grid
-            seconds = time.perf_counter() - start
-            message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-            log(f"{prefix} ... FAILED after {seconds:.0f} s: {message}")
-            append_jsonl_atomic(failures_file, {
-                "key": spec.key, "model": spec.model, "method": spec.method, "ratio": spec.ratio,
-                "seed": spec.seed, "run_dir": rel, "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "seconds": seconds,
-            })
-            outcome.failed.append(spec.key)
-            continue
-        seconds = time.perf_counter() - start
-        _record(runs_file, run_row(spec, results, rel, seconds), known)
-        log(f"{prefix} ... done (eval_loss {results['metrics']['eval_loss']:.4f}, {seconds:.0f} s)")
-        outcome.done.append(spec.key)
+        with shared_work_claim(claim_path(out, rel)) as mine:
+            if not mine:
+                log(f"{prefix} ... running in another process; passed over")
+                outcome.elsewhere.append(spec.key)
+                continue
+            _run_claimed(spec, rel, out, prefix, existing[spec.key], reuse, data_hashes, runs_file, failures_file,
+                         known, outcome, log)
     log(
         f"{len(outcome.done)} run(s) done, {len(outcome.skipped)} already complete, "
         f"{len(outcome.failed)} failed" + (f" (see {failures_file})" if outcome.failed else "")
+        + (f", {len(outcome.elsewhere)} running in another process" if outcome.elsewhere else "")
     )
     return outcome
+
+
+def claim_path(output_dir: str | Path, rel: str) -> Path:
+    """The lock file by which one process claims the run folder ``rel`` of a grid (:func:`run_grid`)."""
+    return Path(output_dir) / CLAIMS_DIR / f"{hashlib.sha256(rel.encode()).hexdigest()[:24]}.lock"
+
+
+def _run_claimed(spec: RunSpec, rel: str, out: Path, prefix: str, results: dict | None, reuse: Sequence[str | Path],
+                 data_hashes: dict, runs_file: Path, failures_file: Path, known: set[str], outcome: GridOutcome,
+                 log: Callable[[str], None]) -> None:
+    """One run of :func:`run_grid`, claimed by this process: recorded if finished (``results``, or by
+    another process on the grid since it started), else copied from a ``reuse`` grid, else trained."""
+    if results is None:
+        results = _load_results(out / rel / "results.json")
+        if results is not None:
+            _check_existing(spec, results, data_hashes)
+    if results is not None:
+        if spec.key not in known:  # finished, but the process died before its line was added
+            _record(runs_file, run_row(spec, results, rel), known)
+        log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
+        outcome.skipped.append(spec.key)
+        return
+    copied = _reuse_finished(spec, [Path(r) for r in reuse], out / rel, data_hashes)
+    if copied is not None:
+        _record(runs_file, run_row(spec, copied, rel), known)
+        log(f"{prefix} ... copied from a finished run (eval_loss {copied['metrics']['eval_loss']:.4f})")
+        outcome.skipped.append(spec.key)
+        return
+    log(f"{prefix} ...")
+    start = time.perf_counter()
+    try:
+        results = train(spec.config(out / rel))
+    except Exception as exc:  # one broken run must not cost the rest of the grid
+        seconds = time.perf_counter() - start
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        log(f"{prefix} ... FAILED after {seconds:.0f} s: {message}")
+        append_jsonl_atomic(failures_file, {
+            "key": spec.key, "model": spec.model, "method": spec.method, "ratio": spec.ratio,
+            "seed": spec.seed, "run_dir": rel, "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(), "seconds": seconds,
+        })
+        outcome.failed.append(spec.key)
+        return
+    seconds = time.perf_counter() - start
+    _record(runs_file, run_row(spec, results, rel, seconds), known)
+    log(f"{prefix} ... done (eval_loss {results['metrics']['eval_loss']:.4f}, {seconds:.0f} s)")
+    outcome.done.append(spec.key)
 
 
 def rescore_grid(

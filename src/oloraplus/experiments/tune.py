@@ -621,7 +621,13 @@ def run_final(spec: TuneSpec, storage=None, say=print) -> GridOutcome:
         say(f"{method}: final runs at trial {top['number']} ({_params_text(params)}; val_loss {top['val_loss']:.4f})")
         specs += [spec.final_spec(method, top, seed) for seed in range(spec.final_seeds)]
     specs.sort(key=lambda s: (s.seed, spec.methods.index(s.method)))  # seed-major: early seeds pair up first
-    outcome = run_grid(specs, Path(spec.output) / FINAL_DIR, log=say, runs_dir="")  # runs.jsonl there too
+    final = Path(spec.output) / FINAL_DIR
+    outcome = run_grid(specs, final, log=say, runs_dir="")  # runs.jsonl there too
+    running = [s for s in specs if s.key in outcome.elsewhere and not (final / s.folder / "results.json").is_file()]
+    if running:  # the process that finishes the last of them writes the report
+        say(f"{len(running)} final run(s) still running in another process ({', '.join(s.folder for s in running)}); "
+            "that process writes the report when it finishes")
+        return outcome
     # the trials of every method's study in the storage (OUTPUT/trials.csv has this command's methods only)
     every = replace(spec, methods=stored_methods(spec, storage))
     write_trials_csv(trial_rows(every, storage), Path(spec.output) / FINAL_DIR / TRIALS_FILE)
