@@ -18,7 +18,7 @@ for R in 1/16 1/8 1/4 1/2 1 2 4 8 16; do
 done
 while [ -n "$(jobs -r)" ] && [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 5; done
 echo "workers stopped at $((SECONDS - T0)) s; still running: $(jobs -r | wc -l)"
-pkill -f "oloraplus (sweep|analyze)"; sleep 2
+for j in $(jobs -p); do pkill -P "$j"; kill "$j" 2>/dev/null; done; sleep 2  # this call's workers only
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/machine.txt"
 tail -n 4 "$W"/*.log
 tar czf "$OUT/runs.tgz" --exclude=adapter --exclude=checkpoints --exclude=analysis -C /root sweep-smollm2

@@ -31,7 +31,7 @@ for B in $BUDGETS; do
 done
 while [ -n "$(jobs -r)" ] && [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 5; done
 echo "workers stopped at $((SECONDS - T0)) s; still running: $(jobs -r | wc -l)"
-pkill -f "oloraplus tune"; sleep 3
+for j in $(jobs -p); do kill "$j" 2>/dev/null; done; sleep 3  # this call's workers only, never a pattern
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/machine.txt"
 python3 -c "import sys,torch,transformers,peft,optuna; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'optuna', optuna.__version__)" >> "$W/machine.txt"
 tail -n 3 "$W"/*.log
