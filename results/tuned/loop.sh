@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The tuned study's round loop (results/tuned/PLAN.md, results/README.md) for one pair of methods:
+# round k brings SINGLE to k trials and PLUS (its -plus method) to 2k, k = 1..ROUNDS (default 12).
+# Run one copy per pair side by side, one compute thread each on a 2-core CPU, e.g.
+#   nohup nice -n 19 results/tuned/loop.sh /work/study-wt smollm2-135m lora lora-plus > lora.log 2>&1 &
+#   nohup nice -n 19 results/tuned/loop.sh /work/study-wt smollm2-135m olora olora-plus > olora.log 2>&1 &
+# WORKTREE is a git worktree at the study's pinned commit (its src/ is what runs); MAIN, the checkout
+# whose .venv and runs/ are used (default: the folder above this script's results/); DB, the live
+# study database outside any work tree (default /work/study-db/MODEL.db).
+set -u
+WT=$1; MODEL=$2; ONE=$3; PLUS=$4; ROUNDS=${5:-12}
+MAIN=${MAIN:-$(cd "$(dirname "$0")/../.." && pwd)}
+DB=${DB:-/work/study-db/$MODEL.db}
+cd "$WT" || exit 1
+export PYTHONPATH="$WT/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
+COMMON=(--model "$MODEL" --data "$MAIN/../shared/data/alpaca/alpaca_data.json" --n-train 1000 --n-val 100
+        --eval-steps 28 --data-seed 42 --lr-range 1e-6 1e-2 --ratio-range 1/64 64
+        --storage "sqlite:///$DB" --output "$MAIN/runs/tuned/$MODEL-$ONE")
+for k in $(seq 1 "$ROUNDS"); do
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials "$k" || exit $?
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials $((2 * k)) || exit $?
+done
