@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The tuned study's round loop (results/tuned/PLAN.md, results/README.md) for one pair of methods:
 # round k brings SINGLE to k trials and PLUS (its -plus method) to 2k, k = 1..ROUNDS (default 12).
-# Run one copy per pair side by side, one compute thread each on a 2-core CPU, e.g.
-#   nohup nice -n 19 results/tuned/loop.sh /work/study-wt smollm2-135m lora lora-plus > lora.log 2>&1 &
-#   nohup nice -n 19 results/tuned/loop.sh /work/study-wt smollm2-135m olora olora-plus > olora.log 2>&1 &
+# Run one copy per pair side by side, one compute thread each on a 2-core CPU, each in its own session
+# so that stop_after_trial.sh can stop it between trials:
+#   for P in "lora lora-plus" "olora olora-plus"; do set -- $P
+#     setsid bash -c "echo \$\$ > /tmp/loop-$1.pid; exec nice -n 19 results/tuned/loop.sh /work/study-wt smollm2-135m $1 $2" \
+#       > /tmp/loop-$1.log 2>&1 &
+#   done
 # WORKTREE is a git worktree at the study's pinned commit (its src/ is what runs); MAIN, the checkout
 # whose .venv and runs/ are used (default: the folder above this script's results/); DB, the live
 # study database outside any work tree (default /work/study-db/MODEL.db).
