@@ -167,7 +167,8 @@ def _add_tune_command(sub) -> None:
     tune.add_argument("--methods", nargs="+", default=["olora", "olora-plus"], choices=METHODS.keys(),
                       help="one study per method, each with --trials trials")
     tune.add_argument("--trials", type=int, required=True,
-                      help="finished (complete or pruned) trials per method; a resumed study runs the missing ones")
+                      help="finished (complete or pruned) trials per method; a resumed study runs the missing ones; "
+                           "0 runs none and writes best.json, trials.csv and the figures from the study as it is")
     tune.add_argument("--output", required=True, help="folder for best.json, trials.csv, figures and trial runs")
     tune.add_argument("--storage", default=None,
                       help="where the study lives: sqlite:///FILE, postgresql://USER@HOST/DB or mysql://... "

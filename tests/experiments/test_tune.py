@@ -157,6 +157,19 @@ def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, rec
                           "--lr-range", "1e-4", "1e-1"))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "lr_range" in err
+    # --trials 0: no trial run; the outputs of both studies as they are, written elsewhere
+    shown = tmp_path / "shown"
+    code = main(tune_args(tiny_checkpoint, records_file, shown, "--methods", "olora", "olora-plus", "--trials", "0",
+                          "--lr-range", "1e-3", "1e-1", "--ratio-range", "1/4", "4",
+                          "--storage", f"sqlite:///{out / 'optuna.db'}"))
+    assert code == 0, capsys.readouterr().err
+    name = f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}"
+    assert len(study_trials(f"sqlite:///{out / 'optuna.db'}", f"{name}.olora")) == 3  # nothing run
+    assert len(study_trials(f"sqlite:///{out / 'optuna.db'}", f"{name}.olora-plus")) == 2
+    assert len(list(csv.DictReader((shown / "trials.csv").open()))) == 5
+    counts = json.loads((shown / "best.json").read_text())["methods"]["olora"]["trials"]
+    assert counts["COMPLETE"] + counts["PRUNED"] == 3
+    assert (shown / "figure_heatmap_olora-plus.png").stat().st_size > 0 and not (shown / "trials").exists()
 
 
 def tiny_checkpoint_name(path) -> str:

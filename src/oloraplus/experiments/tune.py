@@ -142,8 +142,9 @@ class TuneSpec:
             get_method(method)
         if len(set(self.methods)) != len(self.methods):
             raise UserError("--methods names a method twice")
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
-            raise UserError(f"--trials must be a positive whole number (trials per method), got {self.trials!r}")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 0:
+            raise UserError(f"--trials must be a whole number >= 0 (trials per method; 0: run none, write the "
+                            f"outputs from the study as it is), got {self.trials!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise UserError(f"--workers must be a positive whole number, got {self.workers!r}")
         cores = available_cores()
