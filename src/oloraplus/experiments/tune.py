@@ -470,7 +470,9 @@ def tune(spec: TuneSpec, say=print) -> dict:
     Path(spec.output).mkdir(parents=True, exist_ok=True)
     storage = open_storage(spec.storage_url, spec.heartbeat)
     prepare_studies(spec, storage)
-    if spec.workers == 1:
+    if spec.trials == 0:  # nothing to run; not even the dead-worker check, which writes to the study
+        pass
+    elif spec.workers == 1:
         run_worker(spec, say)
     else:
         _run_worker_processes(spec, say)
