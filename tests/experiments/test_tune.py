@@ -238,6 +238,14 @@ def test_a_best_setting_near_an_end_of_its_range_is_flagged():
     assert near_edge(untuned, {"lr": 1e-4, "dropout": 0.05}) == []  # a fixed dropout has no range
 
 
+def test_the_figures_loss_axis_stops_15_percent_above_the_best_only_when_something_lies_beyond():
+    from oloraplus.experiments.tune import _loss_cap
+
+    assert _loss_cap([]) is None
+    assert _loss_cap([1.9, 2.0, 2.1]) is None  # all within 15% of 1.9: the natural range
+    assert _loss_cap([1.9, 2.0, 9.3]) == pytest.approx(1.9 * 1.15)  # a diverged trial: capped
+
+
 @pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tiny_checkpoint, records_file, tmp_path,
                                                                          capsys):

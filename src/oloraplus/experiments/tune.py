@@ -654,24 +654,50 @@ def _figure(width: float, height: float):
     return fig
 
 
+LOSS_AXIS_SPAN = 0.15  # the figures show validation losses up to 15% above the best; higher ones sit on the edge
+
+
+def _loss_cap(values: list[float]) -> float | None:
+    """The top of the figures' loss axis: ``LOSS_AXIS_SPAN`` above the lowest value, or None (no cap)
+    when every value is below that (a diverged trial's loss of 8 would flatten the rest to a line)."""
+    if not values:
+        return None
+    cap = min(values) * (1 + LOSS_AXIS_SPAN)
+    return cap if max(values) > cap else None
+
+
 def _figure_val_loss_vs_lr(rows: list[dict], methods: list[str], path: Path) -> None:
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
+    shown = [r for r in rows if r["method"] in methods and r["state"] in ("COMPLETE", "PRUNED")
+             and r["val_loss"] is not None]
+    cap = _loss_cap([r["val_loss"] for r in shown])
+
+    def plot(points: list[dict], **style) -> None:
+        below = [r for r in points if cap is None or r["val_loss"] <= cap]
+        above = [r for r in points if cap is not None and r["val_loss"] > cap]
+        ax.scatter([r["lr"] for r in below], [r["val_loss"] for r in below], **style)
+        if above:  # drawn on the top edge, pointing up
+            ax.scatter([r["lr"] for r in above], [cap] * len(above), **{**style, "marker": "^", "label": None},
+                       clip_on=False)
+
     for i, method in enumerate(methods):
-        done = [r for r in rows if r["method"] == method and r["state"] == "COMPLETE"]
-        pruned = [r for r in rows if r["method"] == method and r["state"] == "PRUNED" and r["val_loss"] is not None]
+        done = [r for r in shown if r["method"] == method and r["state"] == "COMPLETE"]
+        pruned = [r for r in shown if r["method"] == method and r["state"] == "PRUNED"]
         color = f"C{i}"
-        ax.scatter([r["lr"] for r in done], [r["val_loss"] for r in done], color=color, label=method, s=28)
+        plot(done, color=color, label=method, s=28)
         if pruned:
-            ax.scatter([r["lr"] for r in pruned], [r["val_loss"] for r in pruned], color=color, marker="x", s=22,
-                       alpha=0.6, label=f"{method} (pruned: last value)")
+            plot(pruned, color=color, marker="x", s=22, alpha=0.6, label=f"{method} (pruned: last value)")
         if done:
             top = min(done, key=lambda r: r["val_loss"])
             ax.scatter([top["lr"]], [top["val_loss"]], color=color, marker="*", s=220, edgecolors="black", zorder=3)
+    if cap is not None:
+        ax.set_ylim(top=cap)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (lr_A)")
     ax.set_ylabel("validation loss")
-    ax.set_title("validation loss against learning rate (star: best)")
+    ax.set_title("validation loss against learning rate (star: best"
+                 + (f"; ▲: above {cap:.3g}" if cap is not None else "") + ")")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -693,8 +719,10 @@ def _figure_heatmap(rows: list[dict], method: str, spec: TuneSpec, path: Path, b
         i = min(bins - 1, max(0, int(np.searchsorted(y_edges, y, side="right")) - 1))
         j = min(bins - 1, max(0, int(np.searchsorted(x_edges, x, side="right")) - 1))
         grid[i, j] = r["val_loss"] if np.isnan(grid[i, j]) else min(grid[i, j], r["val_loss"])
-    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap="viridis_r", shading="flat")
-    fig.colorbar(mesh, ax=ax, label="best validation loss in cell")
+    cap = _loss_cap([r["val_loss"] for r in rows])  # a diverged cell must not wash out the colour scale
+    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap="viridis_r", shading="flat", vmax=cap)
+    fig.colorbar(mesh, ax=ax, label="best validation loss in cell" + (f" (>= {cap:.3g}: one colour)" if cap else ""),
+                 extend="max" if cap is not None else "neither")
     if rows:
         ax.scatter(xs, ys, c="white", edgecolors="black", s=18)
     ax.set_xlim(x_edges[0], x_edges[-1])
