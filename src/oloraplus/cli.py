@@ -368,6 +368,7 @@ def _tune_command(args) -> int:
         if "val_loss" in entry:
             params = "  ".join(f"{k} {v:.4g}" for k, v in entry["params"].items())
             print(f"{method}: best val_loss {entry['val_loss']:.4f}  {params}  (trial {entry['trial']}; {counts})")
+            print(f"{method}: train it with: oloraplus train --config {entry['train_config']}")
             for edge in entry["near_edge"]:
                 flag, side = edge.rsplit(" ", 1)
                 print(f"{method}: the best setting is near the {side} end of {flag}: the optimum may lie beyond "

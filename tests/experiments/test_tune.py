@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 
 import pytest
 from conftest import make_records
@@ -113,8 +114,9 @@ def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, rec
 
     from oloraplus.experiments.tune import TuneSpec, near_edge
 
-    def spec_of(out):  # the searched ranges of the command below
-        return TuneSpec(model="m", methods=[], trials=2, output=str(out), lr_range=(1e-3, 1e-1), ratio_range=(0.25, 4))
+    def spec_of(out):  # the searched ranges and settings of the command below
+        return TuneSpec(model="m", methods=[], trials=2, output=str(out), lr_range=(1e-3, 1e-1),
+                        ratio_range=(0.25, 4), flags={"n_train": 24})
 
     out = tmp_path / "tune"
     code = main(tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "2",
@@ -135,6 +137,15 @@ def test_tune_writes_best_parameters_trials_csv_and_figures(tiny_checkpoint, rec
         # the objective is the trial run's validation loss, never an eval metric
         trial = json.loads((out / "trials" / method / f"{entry['trial']:04d}" / "results.json").read_text())
         assert trial["metrics"] == {"val_loss": entry["val_loss"]}
+        # the best setting as a train config: the final run of seed 0, as --final-seeds trains it
+        from oloraplus.training.config import read_settings
+
+        assert f"{method}: train it with: oloraplus train --config {out / f'best_{method}.yaml'}" in captured.out
+        saved = read_settings(entry["train_config"], {f.name for f in fields(TrainConfig)})
+        final = spec_of(out).final_spec(method, entry["params"], seed=0)
+        assert saved["lr"] == entry["params"]["lr"] and saved.get("ratio") == entry["params"].get("ratio")
+        assert (saved["n_val"], saved["eval_steps"], saved["evaluate"], saved["method"]) == (0, None, True, method)
+        assert saved["data_seed"] == final.flags["data_seed"] and saved["n_train"] == 24
         # the edge check, as the command prints it
         assert entry["near_edge"] == near_edge(spec_of(out), entry["params"])
         for edge in entry["near_edge"]:

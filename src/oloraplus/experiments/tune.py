@@ -26,8 +26,9 @@ for the running trials, so that it can replace a dead one. The journal file has 
 
 Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters and validation
 loss), ``trials.csv`` (one row per trial), ``figure_val_loss_vs_lr.png`` and, per ``-plus`` method,
-``figure_heatmap_<method>.png`` (best validation loss over log lr x log lambda), and the trials'
-run folders under ``trials/<method>/<number>``.
+``figure_heatmap_<method>.png`` (best validation loss over log lr x log lambda), per method with a
+complete trial ``best_<method>.yaml`` (a ``train --config`` file of its best setting, trained as the
+final runs are), and the trials' run folders under ``trials/<method>/<number>``.
 
 Final runs (``--final-seeds N``, the plan of ``results/tuned/PLAN.md``): after the search (the same
 command first resumes each study to its budget), each method's best setting (the COMPLETE trial of
@@ -68,7 +69,7 @@ from oloraplus.experiments.tuned_report import FINAL_DIR, TRIALS_FILE, best_tria
 from oloraplus.files import write_json_atomic, write_text_atomic
 from oloraplus.method.registry import METHODS, get_method
 from oloraplus.method.trainer import NonFiniteLossError
-from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig
+from oloraplus.training.config import RESULT_NEUTRAL_FLAGS, TrainConfig, config_yaml
 from oloraplus.training.recipe import train
 
 INSTALL_HINT = "oloraplus tune needs Optuna: pip install 'oloraplus[tune]' (or pip install optuna)"
@@ -583,7 +584,10 @@ def near_edge(spec: TuneSpec, params: dict) -> list[str]:
 
 
 def write_outputs(spec: TuneSpec, storage) -> dict:
-    """``best.json``, ``trials.csv`` and the figures from the studies in ``storage``."""
+    """``best.json``, ``trials.csv``, the figures and ``best_<method>.yaml`` from the studies in ``storage``.
+
+    ``best_<method>.yaml`` is a ``train --config`` file of the method's best setting as the final runs
+    train it (seed 0: all training records, no validation split, evaluated on the eval records)."""
     out = Path(spec.output)
     rows = trial_rows(spec, storage)
     write_trials_csv(rows, out / "trials.csv")
@@ -596,8 +600,12 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
         if complete:
             top = best_trial(complete)
             params = {k: top[k] for k in ("lr", "ratio", "dropout") if top[k] is not None}
+            train_config = out / f"best_{method}.yaml"  # the best setting as the paper's protocol trains it
+            run = spec.final_spec(method, params, seed=0).config(out / f"best_{method}")
+            run = replace(run, overwrite=_default("overwrite"), progress=_default("progress"))  # a user's run
+            write_text_atomic(train_config, config_yaml(run))
             entry.update(trial=top["number"], val_loss=top["val_loss"], params=params, output=top["output"],
-                         near_edge=near_edge(spec, params))
+                         near_edge=near_edge(spec, params), train_config=str(train_config))
         best["methods"][method] = entry
     write_json_atomic(out / "best.json", best)
     _figure_val_loss_vs_lr(rows, spec.methods, out / "figure_val_loss_vs_lr.png")
