@@ -250,11 +250,11 @@ def test_a_best_setting_near_an_end_of_its_range_is_flagged():
 
 
 def test_the_figures_loss_axis_stops_15_percent_above_the_best_only_when_something_lies_beyond():
-    from oloraplus.experiments.tune import _loss_cap
+    from oloraplus.experiments.tune_figures import loss_cap
 
-    assert _loss_cap([]) is None
-    assert _loss_cap([1.9, 2.0, 2.1]) is None  # all within 15% of 1.9: the natural range
-    assert _loss_cap([1.9, 2.0, 9.3]) == pytest.approx(1.9 * 1.15)  # a diverged trial: capped
+    assert loss_cap([]) is None
+    assert loss_cap([1.9, 2.0, 2.1]) is None  # all within 15% of 1.9: the natural range
+    assert loss_cap([1.9, 2.0, 9.3]) == pytest.approx(1.9 * 1.15)  # a diverged trial: capped
 
 
 @pytest.mark.slow

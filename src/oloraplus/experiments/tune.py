@@ -64,7 +64,7 @@ from transformers import TrainerCallback
 from oloraplus.data.records import data_sha256
 from oloraplus.errors import UserError
 from oloraplus.experiments.grid import GridOutcome, RunSpec, run_grid, safe_name
-from oloraplus.experiments.render import save_png
+from oloraplus.experiments.tune_figures import figure_heatmap, figure_val_loss_vs_lr
 from oloraplus.experiments.tuned_report import FINAL_DIR, TRIALS_FILE, best_trial, build_tuned_report
 from oloraplus.files import write_json_atomic, write_text_atomic
 from oloraplus.method.registry import METHODS, get_method
@@ -608,11 +608,12 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
                          near_edge=near_edge(spec, params), train_config=str(train_config))
         best["methods"][method] = entry
     write_json_atomic(out / "best.json", best)
-    _figure_val_loss_vs_lr(rows, spec.methods, out / "figure_val_loss_vs_lr.png")
+    figure_val_loss_vs_lr(rows, spec.methods, out / "figure_val_loss_vs_lr.png")
     for method in spec.methods:
         path = out / f"figure_heatmap_{method}.png"
         if get_method(method).takes_ratio:
-            _figure_heatmap([r for r in rows if r["method"] == method and r["state"] == "COMPLETE"], method, spec, path)
+            figure_heatmap([r for r in rows if r["method"] == method and r["state"] == "COMPLETE"], method,
+                           spec.lr_range, spec.ratio_range, path)
     return best
 
 
@@ -651,94 +652,6 @@ def run_final(spec: TuneSpec, storage=None, say=print) -> GridOutcome:
 def _public_url(url: str) -> str:
     """The storage URL without a password."""
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-LOSS_AXIS_SPAN = 0.15  # the figures show validation losses up to 15% above the best; higher ones sit on the edge
-
-
-def _loss_cap(values: list[float]) -> float | None:
-    """The top of the figures' loss axis: ``LOSS_AXIS_SPAN`` above the lowest value, or None (no cap)
-    when every value is below that (a diverged trial's loss of 8 would flatten the rest to a line)."""
-    if not values:
-        return None
-    cap = min(values) * (1 + LOSS_AXIS_SPAN)
-    return cap if max(values) > cap else None
-
-
-def _figure_val_loss_vs_lr(rows: list[dict], methods: list[str], path: Path) -> None:
-    fig = _figure(6.4, 4.4)
-    ax = fig.add_subplot()
-    shown = [r for r in rows if r["method"] in methods and r["state"] in ("COMPLETE", "PRUNED")
-             and r["val_loss"] is not None]
-    cap = _loss_cap([r["val_loss"] for r in shown])
-
-    def plot(points: list[dict], **style) -> None:
-        below = [r for r in points if cap is None or r["val_loss"] <= cap]
-        above = [r for r in points if cap is not None and r["val_loss"] > cap]
-        ax.scatter([r["lr"] for r in below], [r["val_loss"] for r in below], **style)
-        if above:  # drawn on the top edge, pointing up
-            ax.scatter([r["lr"] for r in above], [cap] * len(above), **{**style, "marker": "^", "label": None},
-                       clip_on=False)
-
-    for i, method in enumerate(methods):
-        done = [r for r in shown if r["method"] == method and r["state"] == "COMPLETE"]
-        pruned = [r for r in shown if r["method"] == method and r["state"] == "PRUNED"]
-        color = f"C{i}"
-        plot(done, color=color, label=method, s=28)
-        if pruned:
-            plot(pruned, color=color, marker="x", s=22, alpha=0.6, label=f"{method} (pruned: last value)")
-        if done:
-            top = min(done, key=lambda r: r["val_loss"])
-            ax.scatter([top["lr"]], [top["val_loss"]], color=color, marker="*", s=220, edgecolors="black", zorder=3)
-    if cap is not None:
-        ax.set_ylim(top=cap)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (lr_A)")
-    ax.set_ylabel("validation loss")
-    ax.set_title("validation loss against learning rate (star: best"
-                 + (f"; ▲: above {cap:.3g}" if cap is not None else "") + ")")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    save_png(fig, path)
-
-
-def _figure_heatmap(rows: list[dict], method: str, spec: TuneSpec, path: Path, bins: int = 8) -> None:
-    """Best validation loss per cell of a grid over (log10 lr, log2 lambda), with the trials on top."""
-    import numpy as np
-
-    fig = _figure(6.0, 4.8)
-    ax = fig.add_subplot()
-    x_edges = np.linspace(math.log10(spec.lr_range[0]), math.log10(spec.lr_range[1]) + 1e-12, bins + 1)
-    y_edges = np.linspace(math.log2(spec.ratio_range[0]), math.log2(spec.ratio_range[1]) + 1e-12, bins + 1)
-    grid = np.full((bins, bins), np.nan)
-    xs = [math.log10(r["lr"]) for r in rows]
-    ys = [math.log2(r["ratio"]) for r in rows]
-    for x, y, r in zip(xs, ys, rows):
-        i = min(bins - 1, max(0, int(np.searchsorted(y_edges, y, side="right")) - 1))
-        j = min(bins - 1, max(0, int(np.searchsorted(x_edges, x, side="right")) - 1))
-        grid[i, j] = r["val_loss"] if np.isnan(grid[i, j]) else min(grid[i, j], r["val_loss"])
-    cap = _loss_cap([r["val_loss"] for r in rows])  # a diverged cell must not wash out the colour scale
-    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap="viridis_r", shading="flat", vmax=cap)
-    fig.colorbar(mesh, ax=ax, label="best validation loss in cell" + (f" (>= {cap:.3g}: one colour)" if cap else ""),
-                 extend="max" if cap is not None else "neither")
-    if rows:
-        ax.scatter(xs, ys, c="white", edgecolors="black", s=18)
-    ax.set_xlim(x_edges[0], x_edges[-1])
-    ax.set_ylim(y_edges[0], y_edges[-1])
-    ax.set_xlabel("log10 learning rate (lr_A)")
-    ax.set_ylabel("log2 lambda (lr_B / lr_A)")
-    ax.set_title(f"{method}: best validation loss per cell ({len(rows)} trials)", fontsize=10)
-    save_png(fig, path)
 
 
 if __name__ == "__main__":
