@@ -184,8 +184,10 @@ def test_a_run_claimed_by_another_process_is_passed_over_and_one_finished_meanwh
 
     class Neighbour(FakeTrain):  # while this process trains the first run, "another" finishes specs[2]
         def __call__(self, config):
-            if not self.calls:
-                other(finished_elsewhere.config(tmp_path / "runs" / finished_elsewhere.folder))
+            if not self.calls:  # the other process trains it and records its row, with its timing
+                results = other(finished_elsewhere.config(tmp_path / "runs" / finished_elsewhere.folder))
+                experiments._record(tmp_path / "runs.jsonl", experiments.run_row(
+                    finished_elsewhere, results, f"runs/{finished_elsewhere.folder}", 12.5), set())
             return super().__call__(config)
 
     fake = Neighbour()
@@ -198,7 +200,12 @@ def test_a_run_claimed_by_another_process_is_passed_over_and_one_finished_meanwh
     assert sorted(fake.calls) == sorted(Path(s.folder).name for s in specs if s not in (busy, finished_elsewhere))
     keys = [r["key"] for r in read_lines(tmp_path / "runs.jsonl")]
     assert sorted(keys) == sorted(s.key for s in specs if s is not busy)
+    row = next(r for r in read_lines(tmp_path / "runs.jsonl") if r["key"] == finished_elsewhere.key)
+    assert row["timings"]["wall"] == 12.5  # the other process's row is kept, not replaced by a timeless one
+    timed = {r["key"]: r["timings"].get("wall") for r in read_lines(tmp_path / "runs.jsonl")}
     again = run_grid(specs, tmp_path, log=lambda s: None)  # the claim is released: now it runs
+    assert all(r["timings"].get("wall") == timed[r["key"]] for r in read_lines(tmp_path / "runs.jsonl")
+               if r["key"] in timed)  # a finished run's row, with its timing, is kept as it was
     assert again.done == [busy.key] and not again.elsewhere
     assert sorted(r["key"] for r in read_lines(tmp_path / "runs.jsonl")) == sorted(s.key for s in specs)
 

@@ -341,8 +341,10 @@ def run_row(spec: RunSpec, results: dict, run_dir: str, wall_seconds: float | No
     }
 
 
-def _record(runs_file: Path, row: dict, known: set[str]) -> None:
-    """Add a row, or replace the row of the same key (a run folder deleted and redone).
+def _record(runs_file: Path, row: dict, known: set[str], replace: bool = True) -> None:
+    """Add a row, or replace the row of the same key (a run folder deleted and redone) unless
+    ``replace`` is False (a finished run found on disk: another process may have recorded it, with
+    its timings).
 
     Under a lock (in the grid's claims folder), reading it afresh: several processes may work on one grid."""
     with waiting_lock(runs_file.parent / CLAIMS_DIR / f"{runs_file.name}.lock"):
@@ -350,6 +352,8 @@ def _record(runs_file: Path, row: dict, known: set[str]) -> None:
         known.add(row["key"])
         if all(r.get("key") != row["key"] for r in rows):
             append_jsonl_atomic(runs_file, row)
+            return
+        if not replace:
             return
         rows = [row if r.get("key") == row["key"] else r for r in rows]
         write_text_atomic(runs_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -463,8 +467,8 @@ def _run_claimed(spec: RunSpec, rel: str, out: Path, prefix: str, results: dict 
         if results is not None:
             _check_existing(spec, results, data_hashes)
     if results is not None:
-        if spec.key not in known:  # finished, but the process died before its line was added
-            _record(runs_file, run_row(spec, results, rel), known)
+        if spec.key not in known:  # finished, but its line not seen yet (its process died, or runs beside us)
+            _record(runs_file, run_row(spec, results, rel), known, replace=False)
         log(f"{prefix} ... already done (eval_loss {results['metrics']['eval_loss']:.4f})")
         outcome.skipped.append(spec.key)
         return
