@@ -440,13 +440,21 @@ def fake_final_run(calls: list):
     return train
 
 
-def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_the_report(
-        tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
-    import csv
-
+@pytest.fixture
+def final_calls(monkeypatch) -> list:
+    """Instant trials and final runs (fake_trial, fake_final_run); the list of the final runs' configs."""
     calls: list = []
     monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
     monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+    return calls
+
+
+def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_the_report(
+        tiny_checkpoint, records_file, tmp_path, capsys, final_calls):
+    import csv
+
+    calls = final_calls
+
     out = tmp_path / "tune"
     argv = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "4",
                      "--lr-range", "1e-4", "1e-1", "--ratio-range", "1/4", "4", "--data-seed", "7", "--seed", "3",
@@ -499,13 +507,11 @@ def test_final_seeds_run_each_methods_best_trial_per_seed_resumably_and_write_th
 
 
 def test_final_runs_shared_with_another_process_leave_the_report_to_the_last_one(
-        tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
+        tiny_checkpoint, records_file, tmp_path, capsys, final_calls):
     from oloraplus.experiments.grid import claim_path
     from oloraplus.outputs import shared_work_claim
 
-    calls: list = []
-    monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
-    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+    calls = final_calls
     out = tmp_path / "tune"
     argv = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora", "olora-plus", "--trials", "2",
                      "--final-seeds", "1")
@@ -521,10 +527,8 @@ def test_final_runs_shared_with_another_process_leave_the_report_to_the_last_one
     assert "| OLoRA+ − OLoRA |" in (out / "report.md").read_text()
 
 
-def test_final_seeds_need_a_complete_trial_per_method(tiny_checkpoint, records_file, tmp_path, capsys, monkeypatch):
-    calls: list = []
-    monkeypatch.setattr("oloraplus.experiments.tune.train", fake_trial)
-    monkeypatch.setattr("oloraplus.experiments.grid.train", fake_final_run(calls))
+def test_final_seeds_need_a_complete_trial_per_method(tiny_checkpoint, records_file, tmp_path, capsys, final_calls):
+    calls = final_calls
     argv = tune_args(tiny_checkpoint, records_file, tmp_path / "tune", "--methods", "olora", "pissa", "--trials", "2",
                      "--final-seeds", "1")
     assert main(argv) == 2
