@@ -489,22 +489,36 @@ def _release(claim: _Claim) -> None:
 
 
 @contextlib.contextmanager
-def waiting_lock(path: str | Path):
-    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for any other holder.
-
-    For work that a second process should wait for and then reuse rather than redo or refuse (a
-    model conversion into the shared cache). The kernel drops the lock when its process dies.
-    """
+def _flock(path: str | Path, wait: bool):
+    """Open (creating) the lock file ``path`` and take an exclusive ``flock`` on it for the block;
+    yields True, or, with ``wait`` False and another holder, False at once (holding nothing)."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if wait or exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path):
+    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for any other holder.
+
+    For work that a second process should wait for and then reuse rather than redo or refuse (a
+    model conversion into the shared cache). The kernel drops the lock when its process dies.
+    """
+    with _flock(path, wait=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -517,21 +531,9 @@ def shared_work_claim(path: str | Path):
     free again. The file stays (an empty marker); without POSIX locks every claim succeeds.
     """
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only whether this system has it)
     except ImportError:  # not POSIX: no locking
         yield True
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    with _flock(path, wait=False) as mine:
+        yield mine

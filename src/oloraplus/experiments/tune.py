@@ -21,8 +21,8 @@ workers deciding at the same moment) is marked FAIL at once with the user attrib
 each trial records a heartbeat, and a trial whose heartbeat is older than the grace period is
 marked FAIL by the next worker. A worker serves the methods in their order and passes over a
 method whose rest of the budget is running elsewhere; with nothing left to start anywhere it waits
-for the running trials, so that it can replace a dead one. The journal file has no heartbeat: after a killed worker,
-``--fail-running`` (with no other worker running) marks its trials FAIL. Failed trials never count.
+for the running trials, so that it can replace a dead one. The journal file has no heartbeat:
+after a killed worker, ``--fail-running`` (with no other worker running) marks its trials FAIL. Failed trials never count.
 
 Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters and validation
 loss), ``trials.csv`` (one row per trial), ``figure_val_loss_vs_lr.png`` and, per ``-plus`` method,
@@ -471,12 +471,8 @@ def tune(spec: TuneSpec, say=print) -> dict:
     Path(spec.output).mkdir(parents=True, exist_ok=True)
     storage = open_storage(spec.storage_url, spec.heartbeat)
     prepare_studies(spec, storage)
-    if spec.trials == 0:  # nothing to run; not even the dead-worker check, which writes to the study
-        pass
-    elif spec.workers == 1:
-        run_worker(spec, say)
-    else:
-        _run_worker_processes(spec, say)
+    if spec.trials > 0:  # with 0 nothing runs, not even the dead-worker check (it writes to the study)
+        (run_worker if spec.workers == 1 else _run_worker_processes)(spec, say)
     return write_outputs(spec, storage)
 
 
@@ -563,8 +559,8 @@ def near_edge(spec: TuneSpec, params: dict) -> list[str]:
     """The searched ranges whose end the best setting lies near: ``"--lr-range low"`` and the like.
 
     For the log ranges (lr, ratio) "near" is within a factor :data:`EDGE_FACTOR` of an end; for the
-    dropout range, within a tenth of its width (its low end only when above 0). A best setting near an end means the optimum may lie
-    outside the range: widen that side and run more trials.
+    dropout range, within a tenth of its width (its low end only when above 0). A best setting near
+    an end means the optimum may lie outside the range: widen that side and run more trials.
     """
     ranges = {"lr": ("--lr-range", spec.lr_range), "ratio": ("--ratio-range", spec.ratio_range),
               "dropout": ("--dropout-range", spec.dropout_range)}
@@ -642,7 +638,7 @@ def run_final(spec: TuneSpec, storage=None, say=print) -> GridOutcome:
         return outcome
     # the trials of every method's study in the storage (OUTPUT/trials.csv has this command's methods only)
     every = replace(spec, methods=stored_methods(spec, storage))
-    write_trials_csv(trial_rows(every, storage), Path(spec.output) / FINAL_DIR / TRIALS_FILE)
+    write_trials_csv(trial_rows(every, storage), final / TRIALS_FILE)
     files = build_tuned_report(spec.output)
     say(f"wrote {files.markdown}")
     say(f"wrote {files.csv}")

@@ -494,9 +494,9 @@ def _paper_scale_text(summary: TunedSummary) -> str:
                  else f"{inside} of {len(values)} inside")
         parts.append(f"100 × the {name} of the {len(values)} final runs spans {min(values):.1f}-{max(values):.1f} "
                      f"({where} the paper's {low:g}-{high:g})")
-    return ("The paper reports an \"eval loss\" of 75-88 without a unit. " + "; ".join(parts) + ". Whether the "
-            "paper's numbers are 100 × a mean cross-entropy can be judged only from this: the models and data "
-            "sizes differ from the paper's.")
+    return (f"The paper reports an \"eval loss\" of {low:g}-{high:g} without a unit. " + "; ".join(parts)
+            + ". Whether the paper's numbers are 100 × a mean cross-entropy can be judged only from this: the "
+            "models and data sizes differ from the paper's.")
 
 
 def _tuning_table(summary: TunedSummary) -> list[str]:
@@ -567,7 +567,7 @@ def render_markdown(summary: TunedSummary) -> str:
               ("Eval loss: mean response-token cross-entropy (nats), the primary metric. Sequence loss: the "
                "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation."),
               ""]
-    lines += ["## The paper's eval loss (75-88)", "", _paper_scale_text(summary), ""]
+    lines += ["## The paper's eval loss ({:g}-{:g})".format(*PAPER_EVAL_LOSS), "", _paper_scale_text(summary), ""]
     lines += ["## Best settings and their spread", ""]
     if summary.trials:
         lines += [*_tuning_table(summary), "",
