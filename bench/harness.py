@@ -394,18 +394,11 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
 
 
 def machine() -> dict:
-    """The CPU, as exactly as /proc/cpuinfo names it: hosts that all call themselves "AMD EPYC"
-    differ by generation (AMD family 25 is Zen 3 or 4, 26 is Zen 5; the Zen 5 host here
-    measured 2.2x the bf16 matmul rate of the earlier one)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    info = {}
-    for line in flags.splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return {"cpu": info.get("model name") or platform.processor(), "cpu_family": info.get("cpu family"),
-            "cpu_model": info.get("model"), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    """The host (``training.provenance.host``) with the thread count and versions the bench ran with."""
+    from oloraplus.training.provenance import host
+
+    return {**host(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
 def _check_inputs(models: list[str], data: str, output: str, n_records: int) -> None:

@@ -10,6 +10,7 @@ from conftest import assert_one_error_line, tiny_model
 from transformers import TrainerCallback
 
 from oloraplus.training.config import TrainConfig
+from oloraplus.training.provenance import host
 from oloraplus.training.recipe import build_trainer, train
 from oloraplus.training.tracking import schedule_text
 
@@ -128,6 +129,7 @@ def test_results_describe_the_schedule_and_accumulation(tiny_checkpoint, records
     assert results["training"]["lr_schedule"] == ("linear warmup over the first 0.5 of the steps = 2 steps, "
                                                   "then constant")
     assert results["config"]["grad_accum"] == 2
+    assert results["host"] == host()  # where it ran: the CPU (family, model, bf16 units), any GPU
 
 
 @pytest.mark.parametrize("flags, needles", [

@@ -1,9 +1,12 @@
-"""Provenance of a run: the oloraplus commit that produced it (``train.source_commit``)."""
+"""Provenance of a run: the oloraplus commit that produced it (``train.source_commit``) and the host."""
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import oloraplus
-from oloraplus.training.provenance import library_versions, source_commit
+from oloraplus.training.provenance import host, library_versions, source_commit
 
 
 def _git(repo, *args):
@@ -52,3 +55,17 @@ def test_library_versions_record_the_commit_of_this_checkout():
         assert commit.removesuffix("+dirty") == _git(root, "rev-parse", "HEAD")
     else:
         assert commit is None
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None or not Path("/proc/cpuinfo").exists(), reason="needs lscpu")
+def test_host_names_the_cpu_as_lscpu_does():
+    fields = dict(line.split(":", 1) for line in _lscpu().splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    found = host()
+    assert found["cpu_family"] == fields["CPU family"] and found["cpu_model"] == fields["Model"]
+    flags = set(fields.get("Flags", "").split())
+    assert found["avx512_bf16"] == ("avx512_bf16" in flags) and found["amx_bf16"] == ("amx_bf16" in flags)
+
+
+def _lscpu() -> str:
+    return subprocess.run(["lscpu"], check=True, capture_output=True, text=True, env={"LC_ALL": "C"}).stdout

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -185,16 +186,53 @@ def check_loading_info(info: dict, source: str) -> None:
         )
 
 
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_float_dtypes(source: str) -> set[torch.dtype]:
+    """The floating dtypes in which a checkpoint's ``*.safetensors`` files store its tensors.
+
+    ``source`` is what :func:`resolve_model` returns: a local folder, or a hub id whose snapshot is
+    looked up in the local cache only. Reads the files' headers, not the tensors. Empty when nothing
+    is known (no safetensors files, a hub id not cached yet, an unreadable header).
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:  # not in the cache (or not a hub id): nothing is known
+            return set()
+    found: set[torch.dtype] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return set()
+        found |= {_SAFETENSORS_FLOATS[t["dtype"]] for name, t in header.items()
+                  if name != "__metadata__" and t.get("dtype") in _SAFETENSORS_FLOATS}
+    return found
+
+
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None,
+    bf16_if_stored: bool = False,
 ):
     """Load a causal LM and its tokenizer from a registry name, hub id, folder or GGUF file.
 
     Returns ``(model, tokenizer)``. The tokenizer always has a pad token (EOS if it had none).
+    With ``bf16_if_stored``, a checkpoint whose floating tensors are all stored in bf16
+    (:func:`stored_float_dtypes`; most hub checkpoints) is loaded in bf16 instead of ``dtype``: the
+    same values, at half the memory of an fp32 copy. For callers that compute in fp32 from the
+    weights where it matters (the adapter inits upcast W) and store the frozen weights in bf16 anyway.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name_or_path)
+    if bf16_if_stored and stored_float_dtypes(source) == {torch.bfloat16}:
+        dtype = torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)

@@ -1,7 +1,8 @@
-"""What a run records about where it ran: library versions and the oloraplus commit."""
+"""What a run records about where it ran: the host, library versions and the oloraplus commit."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -19,6 +20,24 @@ def library_versions() -> dict:
     versions["oloraplus_commit"] = source_commit()
     versions["python"] = platform.python_version()
     return versions
+
+
+def host() -> dict:
+    """The machine, as exactly as ``/proc/cpuinfo`` names the CPU: hosts that all call themselves "AMD EPYC"
+    differ by generation (AMD family 25 is Zen 3 or 4, 26 is Zen 5), and bf16 kernels, so the rounding
+    of a run's sums, differ between CPUs with AMX, with avx512_bf16 only, and without either."""
+    import torch
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": info.get("model name") or platform.processor(), "cpu_family": info.get("cpu family"),
+            "cpu_model": info.get("model"), "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "gpu": gpu, "platform": platform.platform()}
 
 
 def source_commit(package_dir: Path | None = None) -> str | None:

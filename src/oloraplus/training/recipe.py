@@ -26,7 +26,7 @@ from oloraplus.fast.memory import keep_freed_memory, release_freed_memory
 from oloraplus.fast.precision import prepare_for_compute
 from oloraplus.fast.trainer import FastTrainerMixin
 from oloraplus.files import write_json_atomic, write_text_atomic
-from oloraplus.method.adapters import apply_olora
+from oloraplus.method.adapters import INITS, apply_olora
 from oloraplus.method.card import write_model_card
 from oloraplus.method.export import start_factors, write_standard_lora
 from oloraplus.method.identity import check_adapter_identity, model_fingerprint, write_adapter_identity
@@ -54,7 +54,7 @@ from oloraplus.training.distributed import (
     world_size,
 )
 from oloraplus.training.integrity import check_data
-from oloraplus.training.provenance import library_versions
+from oloraplus.training.provenance import host, library_versions
 from oloraplus.training.runtime import merged_for_eval, resolve_precision
 from oloraplus.training.tracking import (
     LOGS_FOLDER,
@@ -189,6 +189,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> dic
                 **({"val_log": val_rows} if split.val else {}),  # [{step, val_loss}] (--n-val, --eval-steps)
             },
             "timings_seconds": timings,
+            "host": host(),
             "versions": library_versions(),
         }
         write_cards(out, config, base_fingerprint, split.provenance, metrics)
@@ -313,7 +314,12 @@ def load_base_model(config: TrainConfig, device: str):
     precision = resolve_precision(config.precision, device)
     if config.fast and not config.gradient_checkpointing:
         keep_freed_memory(device)
-    model, tokenizer = load_model(config.model, device=device)
+    # --fast under bf16 stores the frozen weights in bf16, so a checkpoint stored in bf16 is loaded as it
+    # is: no fp32 copy of the model raises the peak while loading, and the function is the same for the
+    # inits computed from W (in fp32). Not for PEFT's random init: PEFT casts its A_0 to the base's dtype.
+    from_weight = INITS[config.adapter_config().init].factors is not None
+    model, tokenizer = load_model(config.model, device=device,
+                                  bf16_if_stored=config.fast and precision == "bf16" and from_weight)
     return model, tokenizer, precision
 
 
@@ -365,6 +371,7 @@ def evaluate_adapter(config: TrainConfig, adapter: str) -> dict:
         "precision": precision,
         "device": device,
         "data": {**split.provenance, "eval_tokens": eval_stats.to_dict()},
+        "host": host(),
         "versions": library_versions(),
     }
     write_json_atomic(out / "results.json", results)
