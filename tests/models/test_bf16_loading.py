@@ -1,6 +1,8 @@
 """A checkpoint stored in bf16 is loaded in bf16 by --fast bf16 training: the same function as loading it
 in fp32 (the adapter init upcasts W; the frozen weights end in bf16 either way), at half the load memory."""
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -73,3 +75,13 @@ def test_load_base_model_loads_bf16_only_where_the_function_is_the_same(
     config = TrainConfig(output=str(tmp_path / "out"), model=path, method=method, precision=precision, fast=fast)
     model, _, _ = load_base_model(config, "cpu")
     assert {p.dtype for p in model.parameters()} == {expected}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_bf16_load_keeps_no_view_of_the_memory_mapped_file(tmp_path, tiny_tokenizer):
+    # a view would keep every page of the file it ever touched in the process, weights replaced by the
+    # init included, for as long as the model lives
+    path = save(tmp_path / "bf16", tiny_tokenizer)
+    model, _ = load_model(str(path), bf16_if_stored=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert str((path / "model.safetensors").resolve()) not in open("/proc/self/maps").read()

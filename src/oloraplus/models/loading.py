@@ -246,12 +246,24 @@ def load_model(
             f"(offline? run 'oloraplus models pull {name_or_path}' where the hub is reachable): {_first_line(exc)}"
         ) from exc
     check_loading_info(info, source)
+    if dtype != torch.float32:
+        _copy_out_of_the_file(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model.to(device)
     model.config.use_cache = False
     return model, tokenizer
+
+
+@torch.no_grad()
+def _copy_out_of_the_file(model: torch.nn.Module) -> None:
+    """Give every tensor its own memory. Loaded in the dtype it is stored in, a safetensors tensor is a
+    view of the memory-mapped file: the file's pages it touches stay in the process (counted in its RSS)
+    for as long as any one tensor still views the mapping, including the pages of weights that were
+    replaced long ago (an init's residual). Copied, the mapping goes as soon as loading ends."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 def list_models() -> list[dict]:
