@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import torch
@@ -204,15 +203,16 @@ def stored_float_dtypes(source: str) -> set[torch.dtype]:
             folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors"]))
         except Exception:  # not in the cache (or not a hub id): nothing is known
             return set()
+    from safetensors import safe_open
+
     found: set[torch.dtype] = set()
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            with open(file, "rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        except (OSError, ValueError, struct.error):
+            with safe_open(str(file), "pt") as f:
+                dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+        except Exception:  # SafetensorError, OSError: an unreadable header
             return set()
-        found |= {_SAFETENSORS_FLOATS[t["dtype"]] for name, t in header.items()
-                  if name != "__metadata__" and t.get("dtype") in _SAFETENSORS_FLOATS}
+        found |= {_SAFETENSORS_FLOATS[d] for d in dtypes if d in _SAFETENSORS_FLOATS}
     return found
 
 
@@ -231,7 +231,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name_or_path)
-    if bf16_if_stored and stored_float_dtypes(source) == {torch.bfloat16}:
+    as_stored = bf16_if_stored and stored_float_dtypes(source) == {torch.bfloat16}
+    if as_stored:
         dtype = torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -246,7 +247,7 @@ def load_model(
             f"(offline? run 'oloraplus models pull {name_or_path}' where the hub is reachable): {_first_line(exc)}"
         ) from exc
     check_loading_info(info, source)
-    if dtype != torch.float32:
+    if as_stored:
         _copy_out_of_the_file(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

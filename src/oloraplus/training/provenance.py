@@ -28,7 +28,10 @@ def host() -> dict:
     of a run's sums, differ between CPUs with AMX, with avx512_bf16 only, and without either."""
     import torch
 
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
     info: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")

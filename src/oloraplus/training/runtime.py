@@ -9,12 +9,12 @@ times faster than fp32 (measured peaks: bench/NOTES.md). Elsewhere it falls back
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from oloraplus.errors import UserError
 from oloraplus.fast.compile import uncompile_layers
+from oloraplus.training.provenance import host
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -22,11 +22,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    found = host()
+    return found["avx512_bf16"] or found["amx_bf16"]
 
 
 def resolve_precision(precision: str, device: str) -> str:
