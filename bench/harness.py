@@ -158,11 +158,7 @@ def child_reference(cfg: BenchConfig, seed: int, configured: bool = False, gradi
                                  remove_unused_columns=False, disable_tqdm=True, logging_strategy="no", **options)
         trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(train),
                           data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
-        reset = _reset_peak_rss()
-        t = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t
-        train_peak = _vm_hwm_mb() if reset else None
+        seconds, train_peak = _train_timed(trainer)
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
               "precision": "bf16" if bf16 else "fp32", "attention": model.config._attn_implementation,
@@ -170,6 +166,14 @@ def child_reference(cfg: BenchConfig, seed: int, configured: bool = False, gradi
     if evaluate:
         result["eval_loss"] = _eval_loss(merged_for_eval(model), evals, tokenizer.pad_token_id)
     return result
+
+
+def _train_timed(trainer) -> tuple[float, float | None]:
+    """``trainer.train()``: its wall seconds and the peak RSS (MB) during it, None where the peak
+    cannot be reset on this system."""
+    reset = _reset_peak_rss()
+    seconds = _timed(trainer.train)
+    return seconds, (_vm_hwm_mb() if reset else None)
 
 
 def child_configured(cfg: BenchConfig, seed: int, **kwargs) -> dict:
@@ -201,11 +205,7 @@ def child_ours(cfg: BenchConfig, seed: int, measure_all: bool = True, gradient_c
     prepare_for_training(model, tc, precision, device)  # as `oloraplus train` does
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(tc, model, tokenizer, train, Path(tmp), precision, device)
-        reset = _reset_peak_rss()
-        t = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t
-        train_peak = _vm_hwm_mb() if reset else None
+        seconds, train_peak = _train_timed(trainer)
     tokens = sum(len(e.input_ids) for e in train)
     result = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
               "precision": precision, "peak_rss_mb": _peak_rss_mb(), "train_peak_rss_mb": train_peak}
