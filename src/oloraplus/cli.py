@@ -193,6 +193,10 @@ def _add_tune_command(sub) -> None:
     tune.add_argument("--fail-running", action="store_true",
                       help="first mark the studies' running trials failed (after a killed worker, with journal "
                            "storage, which has no heartbeat; only when no worker is running)")
+    tune.add_argument("--widen", action="store_true",
+                      help="resume a study with searched ranges (--lr-range, --ratio-range, --dropout-range) that "
+                           "contain its own: the next trials search the wider ranges, the finished ones still "
+                           "count (recorded in the study and best.json); other settings must stay the same")
     tune.add_argument("--final-seeds", type=int, default=0, metavar="N",
                       help="after the search, train each method's best setting with seeds 0..N-1 (data seed "
                            "--data-seed + s, all training records, evaluated) into OUTPUT/final/METHOD-sS "
@@ -359,7 +363,7 @@ def _tune_command(args) -> int:
         study_name=args.study_name, workers=args.workers, lr_range=tuple(args.lr_range),
         ratio_range=tuple(float(r) for r in args.ratio_range),
         dropout_range=tuple(args.dropout_range) if args.tune_dropout else None, prune=not args.no_prune,
-        heartbeat=args.heartbeat, fail_running=args.fail_running, final_seeds=args.final_seeds,
+        heartbeat=args.heartbeat, fail_running=args.fail_running, widen=args.widen, final_seeds=args.final_seeds,
         flags={k: getattr(args, k) for k in TUNE_TRAIN_FLAGS if hasattr(args, k)},  # given, or from --config
     )
     best = tune(spec)
@@ -372,7 +376,7 @@ def _tune_command(args) -> int:
             for edge in entry["near_edge"]:
                 flag, side = edge.rsplit(" ", 1)
                 print(f"{method}: the best setting is near the {side} end of {flag}: the optimum may lie beyond "
-                      f"it; widen that side and run more trials")
+                      f"it; widen that side (--widen) and run more trials")
         else:
             print(f"{method}: no complete trial ({counts or 'none run'})")
     for name in ("best.json", "trials.csv", "figure_val_loss_vs_lr.png"):

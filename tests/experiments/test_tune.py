@@ -537,3 +537,44 @@ def test_final_seeds_need_a_complete_trial_per_method(tiny_checkpoint, records_f
     assert calls == []  # checked before any final run
     assert main(argv[:-2] + ["--final-seeds", "-1"]) == 2
     assert "--final-seeds" in capsys.readouterr().err
+
+
+def test_widen_resumes_a_study_with_wider_ranges_and_records_it(tiny_checkpoint, records_file, tmp_path, capsys,
+                                                                final_calls):
+    """The edge rule's mechanism: a wider --lr-range is refused without --widen (one error line that names
+    it), accepted with it; the finished trials keep counting, the next ones search the wider range, and the
+    widening is recorded in the study and best.json. A narrower range or another setting is still refused."""
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    name = f"oloraplus.{tiny_checkpoint_name(tiny_checkpoint)}.olora-plus"
+    base = tune_args(tiny_checkpoint, records_file, out, "--methods", "olora-plus", "--storage", storage)
+    assert main(base + ["--trials", "3", "--lr-range", "1e-4", "1e-2"]) == 0, capsys.readouterr().err
+
+    import optuna
+
+    before = optuna.load_study(study_name=name, storage=storage).user_attrs["settings"]
+    wider = base + ["--trials", "5", "--lr-range", "1e-5", "1e-1"]
+    assert main(wider) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--widen" in err, err
+    assert len(study_trials(storage, name)) == 3  # nothing ran
+
+    assert main(wider + ["--widen"]) == 0, capsys.readouterr().err
+    trials = study_trials(storage, name)
+    assert len(trials) == 5
+    assert [(t.distributions["lr"].low, t.distributions["lr"].high) for t in trials] == [(1e-4, 1e-2)] * 3 + [
+        (1e-5, 1e-1)] * 2
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.user_attrs["settings"] == {**before, "lr_range": [1e-5, 1e-1]}  # the rest as the trials ran
+    [record] = study.user_attrs["widened"]
+    assert record["lr_range"] == [[1e-4, 1e-2], [1e-5, 1e-1]] and record["after_finished_trials"] == 3
+    assert "ratio_range" not in record
+    best = json.loads((out / "best.json").read_text())
+    assert best["methods"]["olora-plus"]["widened"] == [record]
+
+    assert main(wider) == 0, capsys.readouterr().err  # the wider range is now the study's own: no --widen needed
+    for refused in (["--lr-range", "1e-4", "1e-1"], ["--lr-range", "1e-5", "1e-1", "--rank", "8"]):
+        assert main(base + ["--trials", "6", "--widen", *refused]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "other settings" in err, err
+    assert len(study_trials(storage, name)) == 5

@@ -24,6 +24,15 @@ method whose rest of the budget is running elsewhere; with nothing left to start
 for the running trials, so that it can replace a dead one. The journal file has no heartbeat:
 after a killed worker, ``--fail-running`` (with no other worker running) marks its trials FAIL. Failed trials never count.
 
+A study remembers its settings (the searched ranges and every train flag) and refuses a command
+with other ones. One change is allowed when asked for: ``--widen`` accepts searched ranges that
+each contain the study's (say ``--lr-range 1e-6 1e-1`` after ``1e-6 1e-2``, when the best setting
+lies near an end), so that the next trials search the wider range while the finished ones keep
+counting; each widening is recorded in the study (user attribute ``widened``: the old and new
+ranges and after how many finished trials) and in ``best.json``. Optuna's multivariate TPE then
+samples a widened parameter on its own (its distribution differs between trials), from all trials'
+values.
+
 Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters and validation
 loss), ``trials.csv`` (one row per trial), ``figure_val_loss_vs_lr.png`` and, per ``-plus`` method,
 ``figure_heatmap_<method>.png`` (best validation loss over log lr x log lambda), per method with a
@@ -56,6 +65,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +126,7 @@ class TuneSpec:
     prune: bool = True
     heartbeat: float = 60.0  # seconds between a running trial's heartbeats (database storages)
     fail_running: bool = False
+    widen: bool = False  # accept searched ranges that contain the study's (recorded in its "widened")
     flags: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, e.g. n_val, eval_steps, max_steps
     final_seeds: int = 0  # > 0: then train each method's best setting with seeds 0..N-1 into OUTPUT/final
 
@@ -285,9 +296,20 @@ def prepare_studies(spec: TuneSpec, storage) -> None:
             study.set_user_attr("settings", wanted)
             continue
         differ = _differences(stored, wanted)
-        if differ:
+        widening = _widening(stored, wanted) if differ else None
+        if differ and not (spec.widen and widening):
+            hint = " --widen to widen its searched ranges," if widening else ""
             raise UserError(f"study {spec.study(method)} in {spec.storage_url} was run with other settings "
-                            f"({'; '.join(differ[:4])}); use the same flags to resume it, or another --study-name")
+                            f"({'; '.join(differ[:4])}); use the same flags to resume it,{hint} or another "
+                            "--study-name")
+        if differ:  # a widening, asked for: the study searches the wider ranges from its next trial on
+            finished = sum(t.state in _counted(optuna) for t in study.get_trials(deepcopy=False))
+            record = {"after_finished_trials": finished, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      **widening}
+            study.set_user_attr("widened", [*study.user_attrs.get("widened", []), record])
+            # only the ranges change: the stored train settings stay as the trials ran them (an older
+            # oloraplus resuming the study compares against them)
+            study.set_user_attr("settings", {**stored, **{k: new for k, (_, new) in widening.items()}})
         if spec.fail_running:
             for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
@@ -304,6 +326,22 @@ def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
             # a train setting newer than the study, at its default: what the study's trials ran with
             out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
     return out
+
+
+RANGES = ("lr_range", "ratio_range", "dropout_range")
+
+
+def _widening(stored: dict, wanted: dict) -> dict | None:
+    """``{"lr_range": [old, new], ...}`` when ``wanted`` differs from a study's ``stored`` settings only
+    in searched ranges that each contain the stored one (a widening); None otherwise."""
+    if _differences({k: v for k, v in stored.items() if k not in RANGES},
+                    {k: v for k, v in wanted.items() if k not in RANGES}):
+        return None
+    changed = {k: [stored.get(k), wanted.get(k)] for k in RANGES if stored.get(k) != wanted.get(k)}
+    for old, new in changed.values():
+        if old is None or new is None or not (new[0] <= old[0] and old[1] <= new[1]):
+            return None
+    return changed or None
 
 
 def _default(name: str):
@@ -593,6 +631,9 @@ def write_outputs(spec: TuneSpec, storage) -> dict:
         complete = [r for r in mine if r["state"] == "COMPLETE"]
         entry = {"study": spec.study(method),
                  "trials": {s: sum(r["state"] == s for r in mine) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}}
+        widened = _optuna().load_study(study_name=spec.study(method), storage=storage).user_attrs.get("widened")
+        if widened:
+            entry["widened"] = widened
         if complete:
             top = best_trial(complete)
             params = {k: top[k] for k in ("lr", "ratio", "dropout") if top[k] is not None}
