@@ -10,6 +10,8 @@
 # WORKTREE is a git worktree at the study's pinned commit (its src/ is what runs); MAIN, the checkout
 # whose .venv and runs/ are used (default: the folder above this script's results/); DB, the live
 # study database outside any work tree (default /work/study-db/MODEL.db).
+# The plan's edge rule (PLAN.md, session 16), after the ranges were widened by `tune --widen --trials 0`:
+# EDGE=6 LR_RANGE="1e-6 1e-1" runs rounds j = 1..EDGE after the budgets, SINGLE to 12 + j and PLUS to 24 + j.
 set -u
 WT=$1; MODEL=$2; ONE=$3; PLUS=$4; ROUNDS=${5:-12}
 MAIN=${MAIN:-$(cd "$(dirname "$0")/../.." && pwd)}
@@ -18,9 +20,13 @@ cd "$WT" || exit 1
 export PYTHONPATH="$WT/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
 COMMON=(--model "$MODEL" --data "$MAIN/../shared/data/alpaca/alpaca_data.json" --n-train 1000 --n-val 100
-        --eval-steps 28 --data-seed 42 --lr-range 1e-6 1e-2 --ratio-range 1/64 64
+        --eval-steps 28 --data-seed 42 --lr-range ${LR_RANGE:-1e-6 1e-2} --ratio-range ${RATIO_RANGE:-1/64 64}
         --storage "sqlite:///$DB" --output "$MAIN/runs/tuned/$MODEL-$ONE")
 for k in $(seq 1 "$ROUNDS"); do
   "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials "$k" || exit $?
   "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials $((2 * k)) || exit $?
+done
+for j in $(seq 1 "${EDGE:-0}"); do
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials $((ROUNDS + j)) || exit $?
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials $((2 * ROUNDS + j)) || exit $?
 done
