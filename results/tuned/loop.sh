@@ -22,11 +22,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-
 COMMON=(--model "$MODEL" --data "$MAIN/../shared/data/alpaca/alpaca_data.json" --n-train 1000 --n-val 100
         --eval-steps 28 --data-seed 42 --lr-range ${LR_RANGE:-1e-6 1e-2} --ratio-range ${RATIO_RANGE:-1/64 64}
         --storage "sqlite:///$DB" --output "$MAIN/runs/tuned/$MODEL-$ONE")
-for k in $(seq 1 "$ROUNDS"); do
-  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials "$k" || exit $?
-  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials $((2 * k)) || exit $?
-done
-for j in $(seq 1 "${EDGE:-0}"); do
-  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials $((ROUNDS + j)) || exit $?
-  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials $((2 * ROUNDS + j)) || exit $?
-done
+round() {  # SINGLE to $1 trials, then PLUS to $2
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$ONE" --trials "$1" || exit $?
+  "$MAIN/.venv/bin/python" -m oloraplus tune "${COMMON[@]}" --methods "$PLUS" --trials "$2" || exit $?
+}
+for k in $(seq 1 "$ROUNDS"); do round "$k" $((2 * k)); done
+for j in $(seq 1 "${EDGE:-0}"); do round $((ROUNDS + j)) $((2 * ROUNDS + j)); done

@@ -542,7 +542,7 @@ def _worker_main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, as in the CLI
     torch.set_num_threads(int(argv[1]))
     values = json.loads(argv[0])
-    for name in ("lr_range", "ratio_range", "dropout_range"):
+    for name in RANGES:
         if values.get(name) is not None:
             values[name] = tuple(values[name])
     try:
