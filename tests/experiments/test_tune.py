@@ -578,3 +578,37 @@ def test_widen_resumes_a_study_with_wider_ranges_and_records_it(tiny_checkpoint,
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "other settings" in err, err
     assert len(study_trials(storage, name)) == 5
+
+
+def test_the_first_trial_after_a_widening_searches_the_new_range():
+    """Plain multivariate TPE draws lr for the first trials after a widening from the old range (its joint
+    search space keeps the old distribution until a widened trial has finished): the tripwire below. Our
+    sampler draws it over the new range from the first trial on. Twelve finished trials on [1e-4, 1e-2]
+    put the best lr at the old top, so TPE's draws over [1e-4, 1e-1] often land above 1e-2."""
+    import optuna
+
+    from oloraplus.experiments.tune import TuneSpec, _sampler_and_pruner, search_space
+
+    old = TuneSpec(model="m", methods=["olora-plus"], trials=30, output="o", lr_range=(1e-4, 1e-2))
+    new = TuneSpec(model="m", methods=["olora-plus"], trials=30, output="o", lr_range=(1e-4, 1e-1))
+    old_space, new_space = search_space(old), search_space(new)
+
+    def first_draws(sampler) -> list[float]:
+        study = optuna.create_study(sampler=sampler)
+        for i in range(12):
+            lr, ratio = 10 ** (-4 + 2 * i / 11), 2.0 ** ((i % 5) - 2)
+            study.add_trial(optuna.trial.create_trial(params={"lr": lr, "ratio": ratio}, distributions=old_space,
+                                                      value=(math.log10(lr) + 1.5) ** 2 + 0.01 * ratio))
+        draws = []
+        for _ in range(40):  # each one the first trial after the widening: the others fail (never count)
+            trial = study.ask()
+            draws.append(trial.suggest_float("lr", new_space["lr"].low, new_space["lr"].high, log=True))
+            trial.suggest_float("ratio", new_space["ratio"].low, new_space["ratio"].high, log=True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return draws
+
+    plain = first_draws(optuna.samplers.TPESampler(multivariate=True, constant_liar=True))
+    assert max(plain) <= 1e-2, "Optuna's TPE now draws widened ranges itself: TPEOnTheSearchedRanges can go"
+    ours = first_draws(_sampler_and_pruner(new)[0])
+    assert sum(lr > 1e-2 for lr in ours) >= 4, ours
+    assert all(1e-4 <= lr <= 1e-1 for lr in ours)

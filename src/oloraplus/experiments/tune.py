@@ -29,9 +29,9 @@ with other ones. One change is allowed when asked for: ``--widen`` accepts searc
 each contain the study's (say ``--lr-range 1e-6 1e-1`` after ``1e-6 1e-2``, when the best setting
 lies near an end), so that the next trials search the wider range while the finished ones keep
 counting; each widening is recorded in the study (user attribute ``widened``: the old and new
-ranges and after how many finished trials) and in ``best.json``. Optuna's multivariate TPE then
-samples a widened parameter on its own (its distribution differs between trials), from all trials'
-values.
+ranges and after how many finished trials) and in ``best.json``. From the first trial after the
+widening on, the widened parameter is drawn on its own over its new range (univariate TPE, from all
+trials' values), the others jointly as before (the sampler of ``_sampler_and_pruner`` says why).
 
 Outputs in ``--output``: ``best.json`` (per method: the best trial's parameters and validation
 loss), ``trials.csv`` (one row per trial), ``figure_val_loss_vs_lr.png`` and, per ``-plus`` method,
@@ -274,12 +274,41 @@ def has_heartbeat(storage) -> bool:
     return isinstance(storage, RDBStorage)
 
 
+def search_space(spec: TuneSpec, takes_ratio: bool = True) -> dict:
+    """The distributions a trial draws its parameters from, in the order it draws them: lr, then ratio
+    (``takes_ratio``: the ``-plus`` methods), then dropout when it is searched."""
+    optuna = _optuna()
+    space = {"lr": optuna.distributions.FloatDistribution(*spec.lr_range, log=True)}
+    if takes_ratio:
+        space["ratio"] = optuna.distributions.FloatDistribution(*spec.ratio_range, log=True)
+    if spec.dropout_range:
+        space["dropout"] = optuna.distributions.FloatDistribution(*spec.dropout_range)
+    return space
+
+
 def _sampler_and_pruner(spec: TuneSpec):
     optuna = _optuna()
+    current = search_space(spec)
+
+    class TPEOnTheSearchedRanges(optuna.samplers.TPESampler):
+        """Optuna's multivariate TPE, whose joint part leaves out a parameter that earlier trials drew
+        from another range than ``spec``'s.
+
+        Why: after ``--widen``, Optuna's joint search space (the parameters whose distribution is the
+        same in every finished trial) still holds the *old* range until a trial of the new range has
+        finished, and a suggested value is taken from the joint sample whenever the new range contains
+        it, so the first trial after a widening would search the old range only. Left out of the joint
+        part, the widened parameter is drawn on its own (univariate TPE over the new range, from every
+        trial's value), from the first trial after the widening on."""
+
+        def infer_relative_search_space(self, study, trial):
+            joint = super().infer_relative_search_space(study, trial)
+            return {name: dist for name, dist in joint.items() if current.get(name, dist) == dist}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # No seed: workers (and resumed workers) must not draw the same "random" start points.
-        sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True)
+        sampler = TPEOnTheSearchedRanges(multivariate=True, constant_liar=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if spec.prune else optuna.pruners.NopPruner()
     return sampler, pruner
 
@@ -376,7 +405,7 @@ def _counted(optuna):
 
 def _objective(spec: TuneSpec, method: str, study, say):
     optuna = _optuna()
-    takes_ratio = get_method(method).takes_ratio
+    space = search_space(spec, get_method(method).takes_ratio)
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", _WORKER)  # first: a trial without it for long is a dead worker's
@@ -385,9 +414,8 @@ def _objective(spec: TuneSpec, method: str, study, say):
         if len(ahead) >= spec.trials:
             trial.set_user_attr("note", "over budget: started as the budget filled up; not run")
             raise _OverBudget()
-        lr = trial.suggest_float("lr", *spec.lr_range, log=True)
-        ratio = trial.suggest_float("ratio", *spec.ratio_range, log=True) if takes_ratio else None
-        dropout = trial.suggest_float("dropout", *spec.dropout_range) if spec.dropout_range else None
+        drawn = {name: trial.suggest_float(name, dist.low, dist.high, log=dist.log) for name, dist in space.items()}
+        lr, ratio, dropout = drawn["lr"], drawn.get("ratio"), drawn.get("dropout")
         output = Path(spec.output) / "trials" / method / f"{trial.number:04d}"
         trial.set_user_attr("output", str(output))
         config = spec.trial_config(method, lr, ratio, dropout, str(output))
