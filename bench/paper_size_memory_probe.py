@@ -1,9 +1,12 @@
-"""Probe: the paper-size rows of `oloraplus bench` with gradient checkpointing only, ours and the
-configured Trainer, alternated (ours, configured, ours, configured): the training peak RSS
-(`VmHWM` after `clear_refs`) of each, side by side in one run. The rows without checkpointing
-need up to 23 GB for the defaults column, more than fits beside other work on a 24 GiB host.
+"""Probe: the paper-size rows of `oloraplus bench` for ours and the configured Trainer only,
+alternated (ours, configured, ours, configured): the training peak RSS (`VmHWM` after
+`clear_refs`) and the process peak of each, side by side in one run, with gradient checkpointing
+or (`--no-checkpointing`) without. The defaults column is left out: without checkpointing it
+needs up to 23 GB, more than fits beside other work on a 24 GiB host (the configured Trainer's
+18.5 GB fits only on a quiet one).
 
-Run from the repo root: .venv/bin/python -m bench.paper_size_memory_probe OUTPUT.json [ROUNDS]
+Run from the repo root:
+  .venv/bin/python -m bench.paper_size_memory_probe OUTPUT.json [ROUNDS] [--no-checkpointing]
 (bench/NOTES.md has the numbers).
 """
 import json
@@ -17,14 +20,16 @@ from oloraplus.training.provenance import library_versions
 
 
 def main() -> None:
-    output, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    result = {"machine": machine(), "versions": library_versions(), "rows": []}
+    args = [a for a in sys.argv[1:] if a != "--no-checkpointing"]
+    checkpointing = "--no-checkpointing" not in sys.argv[1:]
+    output, rounds = args[0], int(args[1]) if len(args) > 1 else 2
+    result = {"machine": machine(), "versions": library_versions(), "checkpointing": checkpointing, "rows": []}
     with paper_size_config(DEFAULT_DATA, PAPER_SIZE) as cfg:
         for k in range(rounds):
             for kind in ("ours", "configured"):
                 t = time.perf_counter()
-                r = run_paper_size_stack(kind, cfg, checkpointing=True)
-                row = {"stack": kind, "round": k, "wall_seconds": time.perf_counter() - t,
+                r = run_paper_size_stack(kind, cfg, checkpointing=checkpointing)
+                row = {"stack": kind, "round": k, "checkpointing": checkpointing, "wall_seconds": time.perf_counter() - t,
                        **{key: r[key] for key in ("tokens_per_second", "train_peak_rss_mb", "peak_rss_mb")}}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
