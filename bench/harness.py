@@ -54,6 +54,7 @@ import torch
 
 from oloraplus.data.records import DEFAULT_DATA
 from oloraplus.errors import UserError
+from oloraplus.fast.memory import HUGE_PAGES_ENV, use_huge_page_allocations
 
 
 @dataclass
@@ -382,6 +383,10 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     root = str(Path(__file__).resolve().parents[1])  # the checkout: bench/ is not an installed package
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    if kind == "ours":
+        use_huge_page_allocations(env)  # as the `oloraplus` command runs (a value already set is kept)
+    else:
+        env.pop(HUGE_PAGES_ENV, None)  # the Trainer columns as a user runs them
     proc = subprocess.run([sys.executable, "-m", "bench.harness", payload], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -390,6 +395,7 @@ def _run_child(kind: str, cfg: BenchConfig, **kwargs) -> dict:
         raise UserError(f"bench: the '{kind}' measurement of {cfg.model} failed: {lines[-1] if lines else proc.returncode}")
     result = json.loads(Path(out_path).read_text())
     os.unlink(out_path)
+    result["huge_page_allocations"] = env.get(HUGE_PAGES_ENV) == "1"  # the child's environment
     return result
 
 
@@ -566,7 +572,7 @@ def run_paper_size(data: str, settings: dict) -> dict:
                 r = run_paper_size_stack(kind, cfg, checkpointing)
                 rows[f"{kind}{'_checkpointing' if checkpointing else ''}"] = {
                     k: r[k] for k in ("tokens", "seconds", "tokens_per_second", "peak_rss_mb", "train_peak_rss_mb",
-                                      "precision")}
+                                      "precision", "huge_page_allocations")}
     for suffix in ("", "_checkpointing"):
         ours, configured = rows[f"ours{suffix}"], rows[f"configured{suffix}"]
         rows[f"speedup_vs_configured{suffix}"] = ours["tokens_per_second"] / configured["tokens_per_second"]

@@ -30,7 +30,8 @@ def main() -> None:
                 t = time.perf_counter()
                 r = run_paper_size_stack(kind, cfg, checkpointing=checkpointing)
                 row = {"stack": kind, "round": k, "checkpointing": checkpointing, "wall_seconds": time.perf_counter() - t,
-                       **{key: r[key] for key in ("tokens_per_second", "train_peak_rss_mb", "peak_rss_mb")}}
+                       **{key: r[key] for key in ("tokens_per_second", "train_peak_rss_mb", "peak_rss_mb",
+                                                              "huge_page_allocations")}}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
     Path(output).write_text(json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import make_records, tiny_model
 
 from oloraplus.data.batching import Collator, ExampleDataset, collate
 from oloraplus.data.tokenize import tokenize_records
+from oloraplus.fast.memory import HUGE_PAGES_ENV
 from oloraplus.method.adapters import OLoRAPlusConfig, apply_olora
 
 PIN = "pinned in pyproject.toml; until the patch is fixed, train with --no-fast"
@@ -407,6 +409,50 @@ def test_glibc_malloc_trim_returns_freed_heap_pages():
     freed_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert freed_mb > 200, broken("glibc", "malloc_trim(0) (free pages inside the heap no longer released)",
                                   "oloraplus.fast.memory.release_freed_memory", f"released {freed_mb} MB")
+
+
+# 12. fast.memory: PyTorch's THP_MEM_ALLOC_ENABLE -----------------------------------------------
+
+_ALIGNMENTS = ("import torch\n"
+               "blocks = [torch.empty((3 << 20) + 4097 * k, dtype=torch.uint8) for k in range(1, 6)]  # all alive\n"
+               "print([b.data_ptr() % 4096 for b in blocks])")
+
+
+def _run_fresh(code: str, **env) -> list[str]:
+    environ = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environ)
+    return out.stdout.strip().splitlines()
+
+
+def test_torch_thp_mem_alloc_enable():
+    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation and then page-aligns its blocks
+    (the large ones advised for huge pages); "0", PyTorch's default, leaves them 64-byte aligned."""
+    on = _run_fresh(_ALIGNMENTS, **{HUGE_PAGES_ENV: "1"})[-1]
+    off = _run_fresh(_ALIGNMENTS, **{HUGE_PAGES_ENV: "0"})[-1]
+    assert on == "[0, 0, 0, 0, 0]", broken("torch", "THP_MEM_ALLOC_ENABLE (blocks no longer page-aligned)",
+                                           "oloraplus.fast.memory.use_huge_page_allocations", on)
+    assert off != "[0, 0, 0, 0, 0]", broken("torch", "its CPU allocator's default alignment",
+                                            "tests of oloraplus.fast.memory (they cannot tell the setting apart)", off)
+
+
+def test_use_huge_page_allocations_before_torch_only():
+    first = "from oloraplus.fast.memory import use_huge_page_allocations as use\nprint(use())\n"
+    assert _run_fresh(first + _ALIGNMENTS) == ["True", "[0, 0, 0, 0, 0]"]
+    # the environment's own value wins: 0 opts out
+    assert _run_fresh(first + _ALIGNMENTS, **{HUGE_PAGES_ENV: "0"})[0] == "False"
+    # too late once torch is imported: nothing is set, and it says so
+    late = "import os, torch\n" + first + f"print(os.environ.get('{HUGE_PAGES_ENV}'))"
+    assert _run_fresh(late) == ["False", "None"]
+    # a child's environment is prepared whatever this process has imported
+    child = "import torch\nfrom oloraplus.fast.memory import use_huge_page_allocations as use\nenv = {}\n" \
+            f"print(use(env), env)"
+    assert _run_fresh(child) == [f"True {{'{HUGE_PAGES_ENV}': '1'}}"]
+
+
+def test_the_oloraplus_command_sets_huge_page_allocations_before_torch():
+    code = ("import sys\nsys.argv = ['oloraplus', '--help']\nfrom oloraplus.__main__ import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n" + _ALIGNMENTS)
+    assert _run_fresh(code)[-1] == "[0, 0, 0, 0, 0]"
 
 
 # 11. fast.dropout: PEFT's lora_dropout module ------------------------------------------------

@@ -1,8 +1,8 @@
 """Speed patches: every place oloraplus reaches into a library's internals to train or evaluate faster.
 
 Each one computes the same function as the plain PEFT + Trainer path (the tests compare them), and
-each has a tripwire test in ``tests/test_fast.py`` that fails with a clear message when the
-internal it relies on changes. One switch turns them all on or off: ``TrainConfig.fast``
+each has a tripwire test in ``tests/fast/test_fast.py`` that fails with a clear message when the
+internal it relies on changes. One switch turns them all (but patch 12) on or off: ``TrainConfig.fast``
 (``--fast``/``--no-fast``). Off, ``training.recipe`` trains with the plain ``OLoRAPlusTrainer``:
 the Trainer's own sampler, its bf16 autocast, the model's own loss from ``labels``, the model's
 loaded attention kernel and PEFT's layers as PEFT built them; evaluation computes every
@@ -10,7 +10,7 @@ position's logits and selects the response rows. Library code takes the switch a
 (``method.loss.response_loss(fast=...)``, ``evaluation.evaluate.eval_loss(fast=...)``,
 ``OLoRAPlusTrainer(head_on_labels_only=...)``).
 
-Patch (module) -- internal relied on -- tripwire in tests/test_fast.py:
+Patch (module) -- internal relied on -- tripwire in tests/fast/test_fast.py:
 
 1. head input captured, head + loss fused (``head_loss``) -- an instance-level ``forward`` on the
    module ``get_output_embeddings()`` returns -- ``test_output_embeddings_forward_is_swappable``
@@ -40,6 +40,11 @@ Patch (module) -- internal relied on -- tripwire in tests/test_fast.py:
     ``lora_dropout[adapter]``: an ``nn.Dropout`` whose ``p`` and ``training`` are the dropout's,
     applied by the variant (not by ``lora.Linear``) when a ``lora_variant`` is installed --
     ``test_peft_lora_dropout_module``
+12. PyTorch's CPU blocks page-aligned, the large ones advised for huge pages (``memory``) --
+    PyTorch's ``THP_MEM_ALLOC_ENABLE``, read by c10's ``alloc_cpu`` at the first allocation --
+    ``test_torch_thp_mem_alloc_enable``. The one patch outside the switch: it must be set before
+    torch is imported, so the ``oloraplus`` command sets it before parsing any flag
+    (``THP_MEM_ALLOC_ENABLE=0`` in the environment opts out).
 
 Patch 8 is not a speed patch and stays in ``models`` (a lower layer): without it a converted
 GGUF model could not be saved as a plain checkpoint or trained, so it runs with the switch off too.

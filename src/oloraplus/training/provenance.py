@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from oloraplus.fast.memory import HUGE_PAGES_ENV
+
 
 def library_versions() -> dict:
     names = ["oloraplus", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "rouge-score"]
@@ -25,7 +27,9 @@ def library_versions() -> dict:
 def host() -> dict:
     """The machine, as exactly as ``/proc/cpuinfo`` names the CPU: hosts that all call themselves "AMD EPYC"
     differ by generation (AMD family 25 is Zen 3 or 4, 26 is Zen 5), and bf16 kernels, so the rounding
-    of a run's sums, differ between CPUs with AMX, with avx512_bf16 only, and without either."""
+    of a run's sums, differ between CPUs with AMX, with avx512_bf16 only, and without either. Also whether
+    PyTorch's CPU blocks were advised for huge pages (``fast.memory.use_huge_page_allocations``) and the
+    kernel's transparent huge page mode, which together decide how much a step's memory fragments."""
     import torch
 
     try:
@@ -40,7 +44,19 @@ def host() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": info.get("model name") or platform.processor(), "cpu_family": info.get("cpu family"),
             "cpu_model": info.get("model"), "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "gpu": gpu, "platform": platform.platform()}
+            "amx_bf16": "amx_bf16" in flags, "gpu": gpu, "platform": platform.platform(),
+            "huge_page_allocations": os.environ.get(HUGE_PAGES_ENV) == "1",
+            "transparent_hugepage": _transparent_hugepage()}
+
+
+def _transparent_hugepage() -> str | None:
+    """The kernel's transparent huge page mode (the bracketed word of its sysfs setting), or None."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def source_commit(package_dir: Path | None = None) -> str | None:
