@@ -445,7 +445,7 @@ def test_use_huge_page_allocations_before_torch_only():
     assert _run_fresh(late) == ["False", "None"]
     # a child's environment is prepared whatever this process has imported
     child = "import torch\nfrom oloraplus.fast.memory import use_huge_page_allocations as use\nenv = {}\n" \
-            f"print(use(env), env)"
+            "print(use(env), env)"
     assert _run_fresh(child) == [f"True {{'{HUGE_PAGES_ENV}': '1'}}"]
 
 
