@@ -1,10 +1,9 @@
 """Probe: the paper-size rows of `oloraplus bench` for ours and the configured Trainer only,
 alternated (ours, configured, ours, configured): the training peak RSS (`VmHWM` after
 `clear_refs`) and the process peak of each, side by side in one run, with gradient checkpointing
-or (`--no-checkpointing`) without; `--ours-only` leaves the configured Trainer out (it needs
-18.5 GB without checkpointing; its code does not change with ours'). The defaults column is left out: without checkpointing it
+or (`--no-checkpointing`) without. The defaults column is left out: without checkpointing it
 needs up to 23 GB, more than fits beside other work on a 24 GiB host (the configured Trainer's
-18.5 GB fits only on a quiet one).
+18.5 GB fits only on a quiet one; `--ours-only` leaves it out too: its code does not change with ours').
 
 Run from the repo root:
   .venv/bin/python -m bench.paper_size_memory_probe OUTPUT.json [ROUNDS] [--no-checkpointing] [--ours-only]
@@ -33,7 +32,7 @@ def main() -> None:
                 r = run_paper_size_stack(kind, cfg, checkpointing=checkpointing)
                 row = {"stack": kind, "round": k, "checkpointing": checkpointing, "wall_seconds": time.perf_counter() - t,
                        **{key: r[key] for key in ("tokens_per_second", "train_peak_rss_mb", "peak_rss_mb",
-                                                              "huge_page_allocations")}}
+                                                  "huge_page_allocations")}}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
     Path(output).write_text(json.dumps(result, indent=1))

@@ -411,6 +411,45 @@ def test_glibc_malloc_trim_returns_freed_heap_pages():
                                   "oloraplus.fast.memory.release_freed_memory", f"released {freed_mb} MB")
 
 
+# 11. fast.dropout: PEFT's lora_dropout module ------------------------------------------------
+
+
+def test_peft_lora_dropout_module():
+    from oloraplus.fast.addmm import AddmmLoRA
+
+    user = "oloraplus.fast.addmm.AddmmLoRA (through oloraplus.fast.dropout.dropout_lora_a)"
+    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, dropout=0.25)).train()
+    layer = lora_linear(model)
+    dropout = layer.lora_dropout["default"] if "default" in getattr(layer, "lora_dropout", {}) else None
+    assert type(dropout) is torch.nn.Dropout and dropout.p == 0.25 and dropout.training and not dropout.inplace, broken(
+        "peft", "LoraLayer.lora_dropout[adapter] (no longer an nn.Dropout holding the configured p)", user,
+        f"{dropout!r}")
+    model.eval()
+    assert not dropout.training, broken("peft", "lora_dropout's training flag (no longer follows the model's)", user)
+    plain = lora_linear(apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, dropout=0.0)))
+    assert not (isinstance(plain.lora_dropout["default"], torch.nn.Dropout) and plain.lora_dropout["default"].p > 0)
+    kept = torch.nn.Dropout(0.5).train()(torch.ones(4000)).unique().tolist()
+    assert kept == [0.0, 2.0], broken("torch", "nn.Dropout (no longer inverted dropout)", user, f"values {kept}")
+
+    seen = []
+
+    class Recording(AddmmLoRA):
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            seen.append(x)
+            return AddmmLoRA.forward(module, active_adapter, x, result, **kwargs)
+
+    model.train()
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    layer.lora_variant["default"] = Recording()
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+    assert len(seen) == 1 and torch.equal(seen[0], x), broken(
+        "peft", "lora.Linear.forward with a lora_variant (the input reaching the variant is no longer the undropped "
+        "x: PEFT now applies lora_dropout itself, and the variant's dropout would be applied twice)", user)
+
+
 # 12. fast.memory: PyTorch's THP_MEM_ALLOC_ENABLE -----------------------------------------------
 
 _ALIGNMENTS = ("import torch\n"
@@ -453,45 +492,6 @@ def test_the_oloraplus_command_sets_huge_page_allocations_before_torch():
     code = ("import sys\nsys.argv = ['oloraplus', '--help']\nfrom oloraplus.__main__ import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n" + _ALIGNMENTS)
     assert _run_fresh(code)[-1] == "[0, 0, 0, 0, 0]"
-
-
-# 11. fast.dropout: PEFT's lora_dropout module ------------------------------------------------
-
-
-def test_peft_lora_dropout_module():
-    from oloraplus.fast.addmm import AddmmLoRA
-
-    user = "oloraplus.fast.addmm.AddmmLoRA (through oloraplus.fast.dropout.dropout_lora_a)"
-    model = apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, dropout=0.25)).train()
-    layer = lora_linear(model)
-    dropout = layer.lora_dropout["default"] if "default" in getattr(layer, "lora_dropout", {}) else None
-    assert type(dropout) is torch.nn.Dropout and dropout.p == 0.25 and dropout.training and not dropout.inplace, broken(
-        "peft", "LoraLayer.lora_dropout[adapter] (no longer an nn.Dropout holding the configured p)", user,
-        f"{dropout!r}")
-    model.eval()
-    assert not dropout.training, broken("peft", "lora_dropout's training flag (no longer follows the model's)", user)
-    plain = lora_linear(apply_olora(tiny_model("llama"), OLoRAPlusConfig(rank=4, dropout=0.0)))
-    assert not (isinstance(plain.lora_dropout["default"], torch.nn.Dropout) and plain.lora_dropout["default"].p > 0)
-    kept = torch.nn.Dropout(0.5).train()(torch.ones(4000)).unique().tolist()
-    assert kept == [0.0, 2.0], broken("torch", "nn.Dropout (no longer inverted dropout)", user, f"values {kept}")
-
-    seen = []
-
-    class Recording(AddmmLoRA):
-        @staticmethod
-        def forward(module, active_adapter, x, result, **kwargs):
-            seen.append(x)
-            return AddmmLoRA.forward(module, active_adapter, x, result, **kwargs)
-
-    model.train()
-    layer.lora_dropout["default"] = torch.nn.Dropout(0.5)
-    layer.lora_variant["default"] = Recording()
-    x = torch.randn(3, layer.in_features)
-    with torch.no_grad():
-        layer(x)
-    assert len(seen) == 1 and torch.equal(seen[0], x), broken(
-        "peft", "lora.Linear.forward with a lora_variant (the input reaching the variant is no longer the undropped "
-        "x: PEFT now applies lora_dropout itself, and the variant's dropout would be applied twice)", user)
 
 
 # The switch -------------------------------------------------------------------------------

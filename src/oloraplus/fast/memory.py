@@ -70,7 +70,9 @@ def use_huge_page_allocations(environ=None) -> bool:
     memory kept (:func:`keep_freed_memory`) the heap fragments far less, so a step's peak RSS
     is lower, at the same or better speed (measured: bench/NOTES.md).
     """
-    if environ is not None or "torch" not in sys.modules:
-        environ = os.environ if environ is None else environ
-        environ.setdefault(HUGE_PAGES_ENV, "1")
-    return (os.environ if environ is None else environ).get(HUGE_PAGES_ENV) == "1"
+    if environ is None:
+        environ = os.environ
+        if "torch" in sys.modules:  # too late for this process: say what it runs with
+            return environ.get(HUGE_PAGES_ENV) == "1"
+    environ.setdefault(HUGE_PAGES_ENV, "1")
+    return environ[HUGE_PAGES_ENV] == "1"
