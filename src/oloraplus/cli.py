@@ -321,9 +321,7 @@ def _grid_command(args) -> int:
     if args.command == "report" and args.tuned:
         from oloraplus.experiments.tuned_report import build_tuned_report
 
-        if args.analysis:
-            raise UserError("--analysis belongs to a grid's report, not to --tuned")
-        files = build_tuned_report(args.dir, args.output)
+        files = build_tuned_report(args.dir, args.output, analyses=args.analysis)
         print(f"wrote {files.markdown}\nwrote {files.csv}")
         return 0
     if args.command == "report":

@@ -268,7 +268,53 @@ def test_analyze_adapter_rejects_mismatched_models():
     with pytest.raises(UserError, match="does not fit"):
         analyze_adapter(wrong, state, 3, 6.0, "olora")
     with pytest.raises(UserError, match="init"):
-        analyze_adapter(weights, state, 3, 6.0, "pissa")
+        analyze_adapter(weights, state, 3, 6.0, "loftq")
+
+
+def test_analyze_adapter_pissa_against_a_hand_svd():
+    """PiSSA's start rebuilt from W: B_0 = U_r sqrt(S_r / s), A_0 = sqrt(S_r / s) V_r^T (a float64 SVD here)."""
+    rank, alpha = 3, 6.0
+    scale = alpha / rank
+    g = torch.Generator().manual_seed(1)
+    weights, state, starts = {}, {}, {}
+    for name, (out, inn) in {"model.layers.0.self_attn.q_proj": (16, 12), "model.layers.0.mlp.down_proj": (12, 20)}.items():
+        w = torch.randn(out, inn, generator=g)
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        root = torch.sqrt(s[:rank] / scale)
+        b0, a0 = u[:, :rank] * root, root[:, None] * vh[:rank]
+        eb, ea = 0.02 * torch.randn(out, rank, generator=g).double(), 0.02 * torch.randn(rank, inn, generator=g).double()
+        weights[name] = w
+        state[f"base_model.model.{name}.lora_B.weight"] = (b0 + eb).float()
+        state[f"base_model.model.{name}.lora_A.weight"] = (a0 + ea).float()
+        starts[name] = (w, u[:, :rank], b0, a0, eb, ea)
+    result = analyze_adapter(weights, state, rank, alpha, "pissa")
+    assert "span(U_r)" in result["reference"]
+    for name, (w, u_r, b0, a0, eb, ea) in starts.items():
+        row = result["layers"][name]
+        bt, at = b0 + eb, a0 + ea
+        assert row["b_rel_change"] == pytest.approx(float(eb.norm() / b0.norm()), rel=1e-4)
+        assert row["a_rel_change"] == pytest.approx(float(ea.norm() / a0.norm()), rel=1e-4)
+        assert row["b_subspace_drift"] == pytest.approx(subspace_drift(bt, u_r), rel=1e-3)
+        assert row["start_in_top_subspace"] == pytest.approx(1.0, abs=1e-6)  # span(B_0) is span(U_r)
+        assert row["b_orthonormality_error"] is None  # B_0's columns are not unit vectors
+        dense = scale * (bt @ at - b0 @ a0)
+        top = torch.linalg.svdvals(dense)[: len(row["update_singular_values"])]
+        assert row["update_singular_values"] == pytest.approx(top.tolist(), rel=1e-3)
+        assert row["update_rel_norm"] == pytest.approx(float(dense.norm() / w.double().norm()), rel=1e-3)
+
+
+def test_untrained_pissa_adapter_built_by_peft_has_not_moved():
+    """PEFT's own PiSSA init (not ours) is the start analyze rebuilds."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    weights = original_weights(model)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, init_lora_weights="pissa", target_modules=targets))
+    agg = analyze_adapter(weights, get_peft_model_state_dict(peft_model), 4, 16, "pissa")["aggregate"]
+    assert agg["n_layers"] == 14
+    assert agg["b_subspace_drift"] < 1e-10 and agg["b_rel_change"] < 1e-5 and agg["a_rel_change"] < 1e-5
+    assert agg["update_rel_norm"] < 1e-5 and agg["b_orthonormality_error"] is None
 
 
 # --------------------------------------------------------------------------- tiny training
@@ -343,6 +389,28 @@ def test_callback_rows_during_trainer_run(tmp_path):
     offline = analyze_adapter(weights, get_peft_model_state_dict(model), 4, 16, "olora")["aggregate"]
     for key in ("b_subspace_drift", "b_rel_change", "a_rel_change", "update_in_top_subspace", "update_rel_norm"):
         assert rows[-1][key] == pytest.approx(offline[key], rel=1e-3, abs=1e-7), key
+
+
+def test_callback_pissa_start_and_offline_agree(tmp_path):
+    model = tiny_model("llama")
+    weights = original_weights(model)
+    model = apply_olora(model, OLoRAPlusConfig(rank=4, alpha=16, init="pissa"))
+    callback = DynamicsCallback(1, tmp_path / "d.jsonl")
+    callback.capture(model)
+    start = callback.measure(model)
+    assert start["b_subspace_drift"] < 1e-10 and start["b_rel_change"] == 0 and start["a_rel_change"] == 0
+    optimizer = create_optimizer(model, lr=1e-3, ratio=16.0)
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    live = callback.measure(model)
+    offline = analyze_adapter(weights, get_peft_model_state_dict(model), 4, 16, "pissa")["aggregate"]
+    assert live["b_subspace_drift"] > 1e-6
+    for key in ("b_subspace_drift", "b_rel_change", "a_rel_change", "update_in_top_subspace", "update_rel_norm"):
+        assert live[key] == pytest.approx(offline[key], rel=1e-3, abs=1e-7), key
 
 
 def test_callback_lora_init_measures_against_q_r_of_w(tmp_path):

@@ -121,7 +121,7 @@ def write_run(final: Path, method: str, seed: int, loss_per_token: np.ndarray, t
             "sequence_tokens": [int(tokens[i] * 2) for i in order]}))
     (folder / "results.json").write_text(json.dumps({
         "metrics": {"eval_loss": eval_loss, "bleu": bleu, "rougeL": rouge, "rouge1": rouge, "rouge2": rouge},
-        "config": {"method": method, "seed": seed, "lr": lr, "ratio": ratio, "data_seed": 42 + seed},
+        "config": {"model": "tiny", "method": method, "seed": seed, "lr": lr, "ratio": ratio, "data_seed": 42 + seed},
         "data": {"eval_indices": indices}}))
     return folder
 
@@ -260,6 +260,29 @@ def test_best_trial_breaks_ties_by_the_earliest_and_the_spread_is_within_one_per
     line = next(row for row in text.splitlines() if row.startswith("| OLoRA+ | 2 (1.2000)"))
     assert "3: lr 0.0005–0.003, λ 1–16" in line
     assert "| OLoRA | no complete trial in trials.csv |" in text
+
+
+def test_the_regime_section_comes_from_the_final_runs_analysis(tmp_path, capsys):
+    write_study(tmp_path, {"olora": 0.0, "olora-plus": 0.0}, seeds=(0, 1, 2))
+    assert "## Regimes" not in tr.build_tuned_report(tmp_path, resamples=200).markdown.read_text()  # no analysis
+
+    def entry(method, ratio, seed, drift):
+        return {"model": "tiny", "method": method, "ratio": ratio, "seed": seed, "init": "olora",
+                "aggregate": {"b_subspace_drift": drift, "b_rel_change": 10 * drift, "a_rel_change": 0.01,
+                              "b_subspace_drift_random_baseline": 0.9}}
+
+    runs = [entry("olora", 1.0, s, d) for s, d in ((0, 0.1), (1, 0.2), (2, 0.3))]
+    runs += [entry("olora-plus", 4.0, s, 0.5) for s in (0, 1, 2)]
+    runs += [entry("olora-plus", 2.0, 0, 9.0), entry("olora", 1.0, 7, 9.0)]  # another λ, another seed: not final runs
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "analysis.json").write_text(json.dumps({"runs": runs}))
+    text = tr.build_tuned_report(tmp_path, resamples=200).markdown.read_text()
+    section = text[text.index("## Regimes"):text.index("## What the intervals")]
+    assert "| OLoRA baseline | 3 | 0.2 ± 0.1 |" in section  # mean ± sd over the three final runs
+    assert "| OLoRA+ λ=4 | 3 | 0.5 ± 0 |" in section and "9" not in section.split("### tiny")[1].split("Random")[0]
+    assert "Random-subspace drift baseline of tiny: 0.900" in section
+    assert_one_error_line(["report", str(tmp_path), "--tuned", "--analysis", str(tmp_path / "none.json")], capsys,
+                          "--analysis")
 
 
 def test_report_tuned_on_the_command_line(tmp_path, capsys):

@@ -60,29 +60,34 @@ def test_the_cli_offers_every_registered_method(tmp_path, capsys):
     assert all(name in err for name in METHODS), err
 
 
-@pytest.mark.parametrize("recorded", [{"method": {"name": "pissa-plus", "init": "pissa"}}, {}])
+@pytest.mark.parametrize("recorded", [{"method": {"name": "x", "init": "corda"}}, {}])
 def test_analyze_refuses_an_init_it_has_no_reference_for(tmp_path, capsys, recorded):
-    """A PiSSA run's start is not an OLoRA or LoRA start; analyze says so instead of measuring a
-    drift against the wrong one, whether the init is read from results.json or the adapter."""
+    """A start that analyze cannot rebuild from W (here CorDA's, which needs data) is refused instead of
+    measuring a drift against the wrong one, whether the init is read from results.json or the adapter."""
     import json
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "results.json").write_text(json.dumps({"config": {"model": "tiny", "rank": 4}, **recorded}))
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8,
-                                                                     "init_lora_weights": "pissa"}))
+                                                                     "init_lora_weights": "corda"}))
     assert main(["analyze", str(run), "--output", str(tmp_path / "analysis")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "analyze supports olora and lora adapters" in err[0], err
+    assert len(err) == 1 and "analyze supports olora, lora, pissa adapters" in err[0], err
 
 
-def test_track_dynamics_refuses_an_init_it_has_no_reference_for():
+def test_track_dynamics_reads_each_registered_init_and_refuses_others():
+    from types import SimpleNamespace
+
     from conftest import tiny_model
 
     from oloraplus.analysis.dynamics import peft_init
-    from oloraplus.method.adapters import OLoRAPlusConfig, apply_adapters
+    from oloraplus.method.adapters import INITS, OLoRAPlusConfig, apply_adapters
 
-    assert peft_init(apply_adapters(tiny_model("llama"), OLoRAPlusConfig(rank=4))) == "olora"
-    assert peft_init(apply_adapters(tiny_model("llama"), OLoRAPlusConfig(rank=4, init="lora"))) == "lora"
-    with pytest.raises(UserError, match="supports olora and lora adapters, not pissa"):
-        peft_init(apply_adapters(tiny_model("llama"), OLoRAPlusConfig(rank=4, init="pissa")))
+    for init in INITS:  # every init of the registry has a reference
+        assert peft_init(apply_adapters(tiny_model("llama"), OLoRAPlusConfig(rank=4, init=init))) == init
+    with pytest.raises(UserError, match="supports olora, lora, pissa adapters, not corda"):
+        peft_init(SimpleNamespace(peft_config={"default": SimpleNamespace(init_lora_weights="corda")}))
+    mixed = {"a": SimpleNamespace(init_lora_weights="pissa"), "b": SimpleNamespace(init_lora_weights="olora")}
+    with pytest.raises(UserError, match="one start for every adapter"):
+        peft_init(SimpleNamespace(peft_config=mixed))

@@ -5,7 +5,8 @@ orthonormal basis B_0 = Q_r that OLoRA starts from and learns how to combine it 
 above 1 it moves B to new directions. This module turns that into numbers, per adapted layer:
 
 - ``b_subspace_drift``: mean sin^2 of the principal angles between span(B_T) and the reference
-  subspace span(Q_r), where W = QR is the ORIGINAL weight. 0: same span; 1: orthogonal spans.
+  subspace span(Q_r), where W = QR is the ORIGINAL weight (under PiSSA span(U_r), the span of its
+  B_0; see below). 0: same span; 1: orthogonal spans.
   A random r-dimensional subspace of R^out scores 1 - r/out on average
   (``b_subspace_drift_random_baseline``, :func:`random_drift_baseline`), which is the scale to read
   the numbers against. Layers of different widths are compared with two normalised forms:
@@ -35,8 +36,14 @@ Reference under each initialisation:
   None offline because PEFT's random A_0 is not saved (the callback, which sees A_0, reports it).
   The update is delta = s B_T A_T exactly, since B_0 A_0 = 0.
 
-Other inits (PiSSA) are refused with a :class:`UserError`: their start is not one of these
-references, and measuring them against one would report a drift that is not there.
+- PiSSA init (``init="pissa"``): B_0 = U_r sqrt(S_r / s), A_0 = sqrt(S_r / s) V_r^T, recomputed from
+  the original W with :func:`oloraplus.adapters.pissa_factors` (the SVD PEFT runs). span(B_0) is W's
+  top-r left singular subspace span(U_r), so the drift is measured against it (and
+  ``start_in_top_subspace`` is 1 by construction), ``b_rel_change``/``a_rel_change`` against B_0 / A_0
+  as for OLoRA; ``b_orthonormality_error`` is None, since B_0's columns are not unit vectors.
+
+Other inits are refused with a :class:`UserError`: their start is not one of these references, and
+measuring them against one would report a drift that is not there.
 
 All small linear algebra runs in float64 on the CPU; only the SVD of each full weight (for U_r)
 runs where the weight lives, in float32.
@@ -54,7 +61,7 @@ import torch
 
 from oloraplus.errors import UserError, check_positive
 from oloraplus.files import write_json_atomic
-from oloraplus.method.adapters import init_for_peft_value, load_adapter_weights, olora_factors
+from oloraplus.method.adapters import init_for_peft_value, load_adapter_weights, olora_factors, pissa_factors
 
 ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj"}
 
@@ -63,6 +70,7 @@ MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "gate_up_proj"
 REFERENCES = {
     "olora": "start factors B_0 = Q_r, A_0 = R_r of W (OLoRA init); drift against span(Q_r)",
     "lora": "Q_r of W (B_0 = 0 under LoRA init); b_rel_change relative to ||Q_r||_F = sqrt(r)",
+    "pissa": "start factors B_0 = U_r sqrt(S_r/s), A_0 = sqrt(S_r/s) V_r^T of W (PiSSA init); drift against span(U_r)",
 }
 
 # Per-layer scalars that are averaged into the aggregate.
@@ -272,9 +280,9 @@ def layer_type(name: str) -> str:
 class LayerReference:
     """What one layer's trained factors are compared with (all float64, CPU).
 
-    ``b_0``/``a_0``: the start (zeros / None under LoRA init when A_0 is unknown); ``q_r``: the
-    reference subspace (Q_r of the original W); ``u_r``: W's top-r left singular vectors;
-    ``w_norm``: ||W||_F.
+    ``b_0``/``a_0``: the start (zeros / None under LoRA init when A_0 is unknown); ``q_r``: an
+    orthonormal basis of the reference subspace (Q_r of the original W; U_r under PiSSA, the span of
+    its B_0); ``u_r``: W's top-r left singular vectors; ``w_norm``: ||W||_F.
     """
 
     init: str
@@ -285,14 +293,21 @@ class LayerReference:
     w_norm: float
 
 
-def layer_reference(weight: torch.Tensor, rank: int, init: str, a_0: torch.Tensor | None = None) -> LayerReference:
-    """The reference for a layer whose ORIGINAL (pre-adapter) weight is ``weight``."""
+def layer_reference(weight: torch.Tensor, rank: int, init: str, a_0: torch.Tensor | None = None,
+                    scaling: float | None = None) -> LayerReference:
+    """The reference for a layer whose ORIGINAL (pre-adapter) weight is ``weight``; ``scaling``
+    (s = alpha / r) is needed under PiSSA, whose start depends on it."""
     if init not in REFERENCES:
         raise UserError(f"init must be one of {', '.join(REFERENCES)}, got '{init}'")
-    q_r, r_r = olora_factors(weight, rank)
-    q_r, r_r = to_work_dtype(q_r), to_work_dtype(r_r)
     u_r = top_left_singular_vectors(weight, rank)
     w_norm = float(torch.linalg.norm(weight.detach().float()))
+    if init == "pissa":
+        if scaling is None:
+            raise ValueError("the PiSSA reference needs the scaling alpha / r")
+        b_0, a_0 = (to_work_dtype(x) for x in pissa_factors(weight, rank, scaling))
+        return LayerReference(init, b_0, a_0, u_r, u_r, w_norm)
+    q_r, r_r = olora_factors(weight, rank)
+    q_r, r_r = to_work_dtype(q_r), to_work_dtype(r_r)
     if init == "olora":
         return LayerReference(init, q_r, r_r, q_r, u_r, w_norm)
     return LayerReference(init, torch.zeros_like(q_r), None if a_0 is None else to_work_dtype(a_0), q_r, u_r, w_norm)
@@ -303,7 +318,8 @@ def align_start_signs(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor)
 
     QR fixes Q only up to column signs and B_0 A_0 is the same either way. A start recomputed on
     another device may differ from the one training used by such flips, which would make
-    ``b_rel_change``/``a_rel_change`` meaningless. The pair is flipped when the trained (B, A) lies
+    ``b_rel_change``/``a_rel_change`` meaningless (an SVD's singular vectors, PiSSA's start, likewise).
+    The pair is flipped when the trained (B, A) lies
     closer to the flipped start; the span, the update and the other metrics do not depend on it.
     """
     if ref.a_0 is None:
@@ -332,10 +348,10 @@ def layer_metrics(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor, sca
     out, rank = b_t.shape
     update = low_rank_update(b_t, a_t, ref.b_0, ref.a_0, scaling)
     sigma = update.singular_values()
-    if ref.init == "olora":
-        b_change = rel_change(b_t, ref.b_0)
-    else:  # B_0 = 0: how far B got, on the scale of OLoRA's start ||Q_r||_F = sqrt(r)
+    if ref.init == "lora":  # B_0 = 0: how far B got, on the scale of OLoRA's start ||Q_r||_F = sqrt(r)
         b_change = float(torch.linalg.norm(b_t)) / math.sqrt(rank)
+    else:
+        b_change = rel_change(b_t, ref.b_0)
     drift = finite_or_none(subspace_drift(b_t, ref.q_r))
     vs_random, per_dim = normalised_drift(drift, out, rank)
     return {
@@ -345,7 +361,7 @@ def layer_metrics(ref: LayerReference, b_t: torch.Tensor, a_t: torch.Tensor, sca
         "b_subspace_drift_per_dim": per_dim,
         "b_rel_change": finite_or_none(b_change),
         "a_rel_change": None if ref.a_0 is None else finite_or_none(rel_change(a_t, ref.a_0)),
-        "b_orthonormality_error": orthonormality_error(b_t),
+        "b_orthonormality_error": None if ref.init == "pissa" else orthonormality_error(b_t),
         "update_singular_values": [float(s) for s in sigma[:N_SINGULAR_VALUES]],
         "update_effective_rank": effective_rank(sigma),
         "update_in_top_subspace": finite_or_none(update_in_top_subspace(update, ref.u_r)),
@@ -431,10 +447,10 @@ def analyze_adapter(
                 f"adapter layer '{name}' (B {tuple(b_t.shape)}, A {tuple(a_t.shape)}) does not fit the base "
                 f"weight {tuple(weight.shape)} at rank {rank}; wrong base model or rank?"
             )
-        key = (name, rank, init)
+        key = (name, rank, init, alpha / rank if init == "pissa" else None)
         ref = references.get(key) if references is not None else None
         if ref is None:
-            ref = layer_reference(weight, rank, init)
+            ref = layer_reference(weight, rank, init, scaling=alpha / rank)
             if references is not None:
                 references[key] = ref
         ref, flips = align_start_signs(ref, b_t, a_t)
@@ -477,8 +493,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if "model" not in config:
         raise UserError(f"{results_file} has no config.model; is it from 'oloraplus train'?")
     init = method.get("init") or init_for_peft_value(adapter_config.get("init_lora_weights", True))
-    if init not in REFERENCES:  # PiSSA's start is W's top-r SVD: a reference analyze does not build
-        raise UserError(f"{run} was trained with init {init!r}; analyze supports {' and '.join(REFERENCES)} adapters")
+    if init not in REFERENCES:  # a start analyze cannot rebuild from W
+        raise UserError(f"{run} was trained with init {init!r}; analyze supports {', '.join(REFERENCES)} adapters")
     return RunInfo(
         run=str(run),
         model=config["model"],
@@ -578,7 +594,7 @@ def plot_run(entry: dict, path: Path) -> None:
     drift = [r["b_subspace_drift"] if r["b_subspace_drift"] is not None else math.nan for r in rows]
     ax1.bar(x, drift, color=[colors[r["layer_type"]] for r in rows])
     ax1.axhline(rows[0]["b_subspace_drift_random_baseline"], color="k", ls=":", lw=1, label="random subspace")
-    ax1.set_ylabel("B subspace drift\n(mean sin² vs Q_r)")
+    ax1.set_ylabel("B subspace drift\n(mean sin² vs span(B_0) or Q_r)")
     handles = [Patch(color=c, label=t) for t, c in colors.items() if any(r["layer_type"] == t for r in rows)]
     ax1.legend(handles=[*handles, *ax1.get_legend_handles_labels()[0]], fontsize=7, loc="upper left")
     for key, style in (("b_rel_change", "-o"), ("a_rel_change", "-s")):

@@ -24,14 +24,19 @@ from oloraplus.method.adapters import init_for_peft_value, olora_factors
 
 
 def peft_init(model: torch.nn.Module) -> str:
-    """"olora" when every adapter has the OLoRA start, else "lora"; a start with no reference
-    (PiSSA) is a :class:`UserError` rather than a drift measured from the wrong start."""
+    """"olora" (or "pissa") when every adapter has the OLoRA (PiSSA) start, else "lora"; a start with
+    no reference, or PiSSA beside another start, is a :class:`UserError` rather than a drift measured
+    from the wrong start."""
     configs = getattr(model, "peft_config", None) or {}
-    inits = {init_for_peft_value(getattr(c, "init_lora_weights", True)) for c in configs.values()}
-    if not inits <= set(REFERENCES):
-        unknown = ", ".join(sorted(str(i) for i in inits - set(REFERENCES)))
-        raise UserError(f"--track-dynamics supports olora and lora adapters, not {unknown}")
-    return "olora" if inits == {"olora"} else "lora"
+    values = {str(getattr(c, "init_lora_weights", True)): init_for_peft_value(getattr(c, "init_lora_weights", True))
+              for c in configs.values()}
+    unknown = sorted(value for value, init in values.items() if init not in REFERENCES)
+    if unknown:
+        raise UserError(f"--track-dynamics supports {', '.join(REFERENCES)} adapters, not {', '.join(unknown)}")
+    inits = set(values.values())
+    if "pissa" in inits and len(inits) > 1:
+        raise UserError(f"--track-dynamics needs one start for every adapter, got {', '.join(sorted(inits))}")
+    return next(iter(inits)) if len(inits) == 1 else "lora"
 
 
 class DynamicsCallback(TrainerCallback):
@@ -39,11 +44,12 @@ class DynamicsCallback(TrainerCallback):
 
     Rows are ``{"step": n, **aggregate}``: step 0 (at train start), every multiple of ``every_k``,
     and the last step. At train start the LoRA factors are captured as the start (B_0, A_0): under
-    OLoRA init these are Q_r and R_r of the original W. The original weight is recovered from the
-    wrapped layer as W = base + s B_0 A_0 (OLoRA subtracted s B_0 A_0 from it) for Q_r and U_r; only
-    out x r matrices are kept. ``reference``: "auto" (OLoRA when the PEFT config says
-    init_lora_weights="olora", else LoRA), or "olora"/"lora" to force how the start is read (see the
-    module docstring); under LoRA the captured random A_0 gives ``a_rel_change`` too.
+    OLoRA init these are Q_r and R_r of the original W (under PiSSA, W's scaled top-r singular
+    factors). The original weight is recovered from the wrapped layer as W = base + s B_0 A_0 (both
+    inits subtracted s B_0 A_0 from it) for Q_r and U_r; only out x r matrices are kept.
+    ``reference``: "auto" (OLoRA or PiSSA when the PEFT config says init_lora_weights="olora" or
+    "pissa", else LoRA), or "olora"/"lora"/"pissa" to force how the start is read (see the module
+    docstring); under LoRA the captured random A_0 gives ``a_rel_change`` too.
 
     Runs on the main process only. A run resumed from a checkpoint captures the resumed weights as
     its start. Not for ZeRO-3/FSDP-sharded parameters (each rank sees only a shard).
@@ -52,7 +58,7 @@ class DynamicsCallback(TrainerCallback):
     def __init__(self, every_k: int, output_path: str | Path, reference: str = "auto", adapter: str = "default"):
         check_positive("every_k", every_k, integer=True)
         if reference not in ("auto", *REFERENCES):
-            raise UserError(f"reference must be auto, olora or lora, got '{reference}'")
+            raise UserError(f"reference must be auto, {', '.join(REFERENCES)}, got '{reference}'")
         self.every_k = every_k
         self.output_path = Path(output_path)
         self.reference = reference
@@ -81,10 +87,15 @@ class DynamicsCallback(TrainerCallback):
             base = layer.get_base_layer().weight.detach().float()
             weight = base + scale * (b_0 @ a_0)  # the original W
             rank = b_0.shape[1]
-            q_r = to_work_dtype(b_0) if init == "olora" else to_work_dtype(olora_factors(weight, rank)[0])
+            if init == "lora":  # measured against what OLoRA would have started from
+                q_r = to_work_dtype(olora_factors(weight, rank)[0])
+            elif init == "olora":  # B_0 = Q_r
+                q_r = to_work_dtype(b_0)
+            else:  # PiSSA: an orthonormal basis of span(B_0) = span(U_r)
+                q_r = torch.linalg.qr(to_work_dtype(b_0))[0]
             self.references[name] = LayerReference(
                 init=init,
-                b_0=to_work_dtype(b_0) if init == "olora" else torch.zeros_like(q_r),
+                b_0=torch.zeros_like(q_r) if init == "lora" else to_work_dtype(b_0),
                 a_0=to_work_dtype(a_0),
                 q_r=q_r,
                 u_r=top_left_singular_vectors(weight, rank),

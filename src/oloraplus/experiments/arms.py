@@ -8,13 +8,13 @@ from oloraplus.method.registry import FAMILIES, METHODS
 
 
 def ratio_text(ratio: float) -> str:
-    """16 -> "16", 0.0625 -> "1/16", 0.3 -> "0.3"."""
+    """16 -> "16", 0.0625 -> "1/16", 0.3 -> "0.3", a tuned 0.14748213081272676 -> "0.1475" (4 digits)."""
     ratio = float(ratio)
     if ratio.is_integer():
         return str(int(ratio))
     if ratio < 1 and (1 / ratio).is_integer():
         return f"1/{int(1 / ratio)}"
-    return repr(ratio)
+    return f"{ratio:.4g}"
 
 
 def method_family(method: str) -> str:

@@ -54,7 +54,9 @@ REGIME_DEFINITIONS = (
     "Update: s·(B_T A_T − B_0 A_0), its effective rank (exp of the entropy of its normalised singular "
     "values) and the share of its energy in the top-r left singular subspace of the original W; "
     "top-r share, step 0: the same share for span(Q_r) itself (‖U_rᵀQ_r‖²/r, before any training), what an "
-    "update B_0·ΔA that keeps B = Q_r has on average (r/out for a random subspace). "
+    "update B_0·ΔA that keeps B = Q_r has on average (r/out for a random subspace). Under LoRA's init "
+    "(B_0 = 0) the drift is measured against span(Q_r) of W and ‖ΔB‖ against ‖Q_r‖ = √r; under PiSSA's "
+    "(B_0 = U_r·√(S_r/s)) against its own span(U_r), so its top-r share at step 0 is 1 and ‖BᵀB−I‖ is not given. "
     "Means over all adapted layers of a run, then mean ± std over seeds; with 2 seeds, the mean "
     "[95% t interval]. \"-\": not in the inputs (a run summarised by its dynamics.jsonl written before "
     "these columns existed)."
@@ -138,6 +140,21 @@ def _arm(method: str, ratio: float) -> Arm:
     return Arm.of(method, ratio)
 
 
+def default_analyses(folder: Path) -> list[Path]:
+    """``FOLDER/analysis/analysis.json`` and ``FOLDER/analysis/*/analysis.json``, those that exist (a grid
+    analysed in parts needs no flag)."""
+    base = Path(folder) / "analysis"
+    return [p for p in [base / "analysis.json", *sorted(base.glob("*/analysis.json"))] if p.is_file()]
+
+
+def check_analyses(paths: list[str | Path]) -> list[Path]:
+    """``paths`` as Paths; a missing one is a :class:`UserError` that says how to write it."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"--analysis {path} not found; write it with 'oloraplus analyze RUN_DIR ... --output DIR'")
+    return [Path(p) for p in paths]
+
+
 def collect(rows: list[dict], grid_dir: Path, analysis_paths: list[Path]) -> Regimes:
     """Match analyses and dynamics files to the report's rows (``run_dir`` is relative to ``grid_dir``)."""
     analyses = read_analyses(analysis_paths)
@@ -197,11 +214,12 @@ def _cell(s: RegimeStats, key: str, decimals: int | None) -> str:
     return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
 
 
-def render_section(regimes: Regimes, figures: list[str]) -> list[str]:
+def render_section(regimes: Regimes, figures: list[str],
+                   title: str = "Regimes: what each λ does to the adapter") -> list[str]:
     """The markdown regime section: one table per model, then the figures."""
     if regimes.empty:
         return []
-    out = ["## Regimes: what each λ does to the adapter", "", REGIME_DEFINITIONS, ""]
+    out = [f"## {title}", "", REGIME_DEFINITIONS, ""]
     if regimes.from_dynamics:
         out += [(f"{regimes.from_dynamics} run(s) have no `analyze` entry: their aggregates are the last row of "
                  "their dynamics.jsonl, the same metrics computed by the training callback on the final adapter."), ""]

@@ -588,7 +588,14 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[
     and ``DIR/analysis/*/analysis.json``, those that exist, so a grid analysed in parts needs no flag);
     run folders' ``dynamics.jsonl`` files are found through ``runs.jsonl``.
     """
-    from oloraplus.experiments.regimes import collect, plot_drift_vs_ratio, plot_dynamics, render_section
+    from oloraplus.experiments.regimes import (
+        check_analyses,
+        collect,
+        default_analyses,
+        plot_drift_vs_ratio,
+        plot_dynamics,
+        render_section,
+    )
 
     runs_jsonl = Path(runs_jsonl)
     if runs_jsonl.is_dir():
@@ -598,14 +605,9 @@ def build_report(runs_jsonl: str | Path, output_dir: str | Path, analyses: list[
     rows = read_runs(runs_jsonl)
     if not rows:
         raise UserError(f"{runs_jsonl} holds no finished runs yet")
-    if analyses is None:
-        folder = runs_jsonl.parent / "analysis"
-        analyses = [p for p in [folder / "analysis.json", *sorted(folder.glob("*/analysis.json"))] if p.is_file()]
-    for path in analyses:
-        if not Path(path).is_file():
-            raise UserError(f"--analysis {path} not found; write it with 'oloraplus analyze RUN_DIR ... --output DIR'")
+    analyses = default_analyses(runs_jsonl.parent) if analyses is None else check_analyses(analyses)
     summary = summarize(rows)
-    regimes = collect(summary.rows, runs_jsonl.parent, [Path(p) for p in analyses])
+    regimes = collect(summary.rows, runs_jsonl.parent, analyses)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(out / "report.md", out / "results.csv", out / "tables.tex", out / "figure_metrics.png",

@@ -19,7 +19,9 @@ Output: ``report.md`` and ``comparisons.csv``. For every pair of methods (15 for
 
 Beside them: each method's best learning rate (and lambda) with the spread of the trials within 1%
 of the best validation loss, and whether lambda != 1 helps beyond a tuned learning rate (each
-``-plus`` method against its single-rate method, the rows of the primary family).
+``-plus`` method against its single-rate method, the rows of the primary family); and, where
+``oloraplus analyze`` has measured the final runs' adapters (``analysis.json``), the regime table of
+:mod:`oloraplus.experiments.regimes` at each method's best setting.
 
 A missing or malformed ``eval_losses.json`` is a note in the report, not an error (the bootstrap of
 that seed is then left out). Nothing here imports torch; the output is deterministic.
@@ -197,6 +199,7 @@ class FinalRun:
     data_seed: int | None
     losses: dict | None  # eval_losses.json, checked; None when missing or malformed
     note: str | None = None  # why ``losses`` is None, or a mismatch worth saying
+    model: str | None = None  # config.model, as ``oloraplus analyze`` records it
 
 
 def read_eval_losses(path: Path) -> tuple[dict | None, str | None]:
@@ -252,7 +255,7 @@ def read_final_runs(final_dir: str | Path) -> list[FinalRun]:
             note = _check_losses(results, losses, results_file.parent.name)
         runs.append(FinalRun(method, seed, results_file.parent.name, metrics, float(config["lr"]),
                              config.get("ratio") if takes_ratio(method) else None, config.get("data_seed"),
-                             losses, note))
+                             losses, note, config.get("model")))
     order = list(METHODS)
     keys = [(r.method, r.seed) for r in runs]
     if len(set(keys)) != len(keys):
@@ -358,6 +361,7 @@ class TunedSummary:
     trials: list[dict]
     notes: list[str]
     resamples: int = RESAMPLES
+    regimes: list[str] = field(default_factory=list)  # the regime section's lines (empty: no analysis)
 
 
 def _by_method(runs: list[FinalRun]) -> dict[str, dict[int, FinalRun]]:
@@ -608,6 +612,7 @@ def render_markdown(summary: TunedSummary) -> str:
         comps = [c for c in summary.comparisons if c.metric == metric]
         header = _comparison_header(False)
         lines += [f"### {TITLES[metric]}", "", *md_table(header, _comparison_rows(comps, False), _align(header)), ""]
+    lines += summary.regimes
     lines += ["## What the intervals do not cover", "", f"From the plan (results/tuned/PLAN.md): {NOT_COVERED}", "",
               ("The t intervals cover the seed-to-seed variation (batch order and which records are trained and "
                "evaluated on) of these seeds only; the bootstrap covers only the sampling of eval examples given the "
@@ -647,12 +652,27 @@ class TunedReportFiles:
     csv: Path
 
 
+def regime_lines(runs: list[FinalRun], tune_dir: Path, analyses: list[Path]) -> list[str]:
+    """The regime section of the final runs (``oloraplus analyze`` of their adapters, matched by model,
+    method, λ and seed; :mod:`oloraplus.experiments.regimes`), or no lines without a matching analysis."""
+    from oloraplus.experiments.regimes import collect, render_section
+
+    rows = [{"model": r.model, "method": r.method, "ratio": r.ratio if r.ratio is not None else 1.0, "seed": r.seed,
+             "run_dir": f"{FINAL_DIR}/{r.folder}"} for r in runs]
+    regimes = collect(rows, tune_dir, analyses)
+    return render_section(regimes, [], title="Regimes: what each method's best setting did to the adapter")
+
+
 def build_tuned_report(tune_dir: str | Path, output: str | Path | None = None, resamples: int = RESAMPLES,
-                       base_seed: int = BOOTSTRAP_SEED) -> TunedReportFiles:
+                       base_seed: int = BOOTSTRAP_SEED, analyses: list[str | Path] | None = None) -> TunedReportFiles:
     """``report.md`` and ``comparisons.csv`` in ``output`` (default ``tune_dir``) from ``tune_dir/final/*``
     and ``tune_dir/final/trials.csv`` (else ``tune_dir/trials.csv``); a :class:`UserError` when there is no
-    final run."""
+    final run. ``analyses``: ``analysis.json`` files of the final runs for the regime section (default:
+    ``tune_dir/analysis/analysis.json`` and ``tune_dir/analysis/*/analysis.json``, those that exist)."""
+    from oloraplus.experiments.regimes import check_analyses, default_analyses
+
     tune_dir = Path(tune_dir)
+    analyses = default_analyses(tune_dir) if analyses is None else check_analyses(analyses)
     runs = read_final_runs(tune_dir / FINAL_DIR)
     if not runs:
         raise UserError(f"{tune_dir / FINAL_DIR} holds no finished run (a folder with results.json)")
@@ -666,6 +686,7 @@ def build_tuned_report(tune_dir: str | Path, output: str | Path | None = None, r
     trials_file = tune_dir / FINAL_DIR / TRIALS_FILE
     trials = read_trials(trials_file if trials_file.exists() else tune_dir / TRIALS_FILE)
     summary = compare(runs, resamples, base_seed, trials, model)
+    summary.regimes = regime_lines(runs, tune_dir, analyses)
     out = Path(output) if output is not None else tune_dir
     out.mkdir(parents=True, exist_ok=True)
     files = TunedReportFiles(out / "report.md", out / "comparisons.csv")

@@ -189,7 +189,7 @@ class TrainConfig:
         if self.track_dynamics is not None and {"track_dynamics", "method"} <= names:
             init = get_method(self.method).init
             if init not in REFERENCES:  # refused before the model loads, not at the first step
-                raise UserError(f"--track-dynamics supports {' and '.join(REFERENCES)} adapters, not {init} "
+                raise UserError(f"--track-dynamics supports {', '.join(REFERENCES)} adapters, not {init} "
                                 f"(--method {self.method})")
         if {"fast", "compile", "attention"} <= names and not self.fast and (self.compile or self.attention != "auto"):
             flag = "--compile" if self.compile else f"--attention {self.attention}"
