@@ -16,7 +16,7 @@ from conftest import make_records, tiny_model
 from oloraplus.data.batching import collate
 from oloraplus.data.tokenize import tokenize_records
 from oloraplus.evaluation.evaluate import eval_loss, evaluate_model
-from oloraplus.evaluation.generation import generate_responses, greedy_decode, teacher_forced_responses
+from oloraplus.evaluation.generation import generate_responses, greedy_decode
 from oloraplus.evaluation.metrics import compute_text_metrics
 from oloraplus.method.loss import response_loss
 
@@ -118,16 +118,26 @@ def test_batched_generation_matches_one_at_a_time(family, tiny_tokenizer, exampl
     assert texts == [tiny_tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_teacher_forced_predictions_are_argmax_of_full_logits(family, tiny_tokenizer, examples):
+@pytest.mark.parametrize("frozen", [True, False])  # frozen: the fused head path (fast.head_loss) with fast
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_forced_predictions_are_argmax_of_full_logits(family, fast, frozen, tiny_tokenizer, examples):
+    """The predictions come from the eval loss's own logits (padded batches, chunks); the reference is
+    each example alone, unpadded, with every position's logits."""
     model = model_for(family, tiny_tokenizer)
+    model.requires_grad_(not frozen)
+    if family == "gemma":
+        model.config.final_logit_softcapping = 2.0  # Gemma 2's cap, small enough to matter
     expected = []
     for e in examples:
         predicted = full_logits(model, e).argmax(-1)
         positions = [t - 1 for t in range(1, len(e.labels)) if e.labels[t] != -100]
         assert positions[0] == e.prompt_len - 1
         expected.append(tiny_tokenizer.decode(predicted[positions].tolist(), skip_special_tokens=True).strip())
-    got = teacher_forced_responses(model, tiny_tokenizer, examples, batch_size=3, progress=False)
+    references = [make_records(7)[e.index]["output"] for e in examples]
+    _, predictions, _ = evaluate_model(model, tiny_tokenizer, examples, references, metrics_mode="teacher-forced",
+                                       batch_size=3, progress=False, fast=fast)
+    got = [p["prediction"] for p in predictions]
     assert got == expected
     assert any(got)
 

@@ -285,6 +285,35 @@ def test_the_regime_section_comes_from_the_final_runs_analysis(tmp_path, capsys)
                           "--analysis")
 
 
+def tf_row(method: str, seed: int, metrics: dict) -> dict:
+    """A runs.jsonl line as `oloraplus rescore --metrics-mode teacher-forced` writes it."""
+    ratio = 4.0 if method.endswith("plus") else 1.0
+    return {"key": f"tiny/{method}-r{ratio:g}-s{seed}", "model": "tiny", "method": method, "ratio": ratio,
+            "seed": seed, "metrics_mode": "teacher-forced", "metrics": metrics, "run_dir": f"runs/{method}-s{seed}"}
+
+
+def test_teacher_forced_scores_come_from_the_rescore_of_the_final_runs(tmp_path):
+    write_study(tmp_path, {"olora": 0.3, "olora-plus": 0.0}, seeds=(0, 1, 2))
+    text = tr.build_tuned_report(tmp_path, resamples=200).markdown.read_text()
+    assert "not scored yet" in text and "(teacher-forced)" not in text.split("## Final runs")[1].split("##")[0]
+    runs = {(r.method, r.seed): r for r in tr.read_final_runs(tmp_path / "final")}
+    rows = []
+    for (method, seed), run in runs.items():  # as rescore writes them: tf BLEU rises with the seed for olora-plus
+        bleu = 60.0 + (seed if method == "olora-plus" else 0.0) + 0.1 * seed
+        loss = run.metrics["eval_loss"] if (method, seed) != ("olora", 2) else 9.9  # one from another adapter
+        rows.append(tf_row(method, seed, {"eval_loss": loss, "bleu": bleu, "rougeL": 70.0 + seed}))
+    rows.append(tf_row("lora", 0, {"eval_loss": 1.0, "bleu": 1.0}))  # no such final run
+    (tmp_path / tr.TF_DIR).mkdir()
+    (tmp_path / tr.TF_DIR / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = tr.build_tuned_report(tmp_path, resamples=200)
+    text = files.markdown.read_text()
+    assert "### BLEU (teacher-forced)" in text and "not scored yet" not in text
+    assert "olora-s2: the teacher-forced rescore gives eval loss 9.9" in text
+    tf = next(r for r in csv.DictReader(files.csv.open()) if r["metric"] == "bleu_tf")
+    assert (tf["a"], tf["b"], tf["seeds"]) == ("olora", "olora-plus", "0 1")  # seed 2 left out: its rescore differs
+    assert float(tf["t_mean"]) == pytest.approx(-0.5)  # olora - olora-plus: (0 - 0) and (0.1 - 1.1) over seeds 0, 1
+
+
 def test_report_tuned_on_the_command_line(tmp_path, capsys):
     write_study(tmp_path / "tune", {"olora": 0.0, "olora-plus": 0.0}, seeds=(0, 1))
     assert main(["report", str(tmp_path / "tune"), "--tuned", "--output", str(tmp_path / "out")]) == 0

@@ -1,4 +1,4 @@
-"""Evaluation: eval loss on response tokens, generation, teacher-forced predictions, BLEU/ROUGE.
+"""Evaluation: eval loss on response tokens (and teacher-forced predictions from it), generation, BLEU/ROUGE.
 
 Depends on ``data``, ``method`` (the response-token loss) and ``models``; nothing here trains.
 """

@@ -7,7 +7,9 @@ Three things make this fast without changing what is measured:
   262k-token vocabulary; ``fast=False`` computes every position's logits and selects those rows;
 - batches are sorted by length, so there is little padding;
 - generation is batched, left-padded, greedy, with the KV cache, and stops when every
-  sequence in the batch has produced EOS.
+  sequence in the batch has produced EOS;
+- teacher-forced predictions (the argmax at each response position) come from the logits the
+  final eval loss computes anyway (:func:`batch_losses`), not from a second forward.
 
 Besides the response-only ``eval_loss`` (the training objective on held-out records),
 :func:`eval_loss` can report per-example sums and the whole-sequence cross-entropy (every
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 
 from oloraplus.data.batching import IGNORE, collate, length_sorted_batches
 from oloraplus.data.tokenize import Example
-from oloraplus.evaluation.generation import generate_responses, teacher_forced_responses
+from oloraplus.evaluation.generation import generate_responses
 from oloraplus.evaluation.metrics import compute_text_metrics
 from oloraplus.fast.head_loss import fusable_head, head_cross_entropy, head_inputs
 from oloraplus.fast.logits_mask import kept_logits
@@ -44,7 +46,7 @@ EXAMPLE_LOSS_KEYS = ("response_loss_sum", "response_tokens", "sequence_loss_sum"
 
 @torch.no_grad()
 def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, progress: bool = True,
-              fast: bool = True, per_example: bool = False) -> dict:
+              fast: bool = True, per_example: bool = False, predict: bool = False) -> dict:
     """Mean cross-entropy over all response tokens of ``examples`` (token-weighted).
 
     Returns ``{"eval_loss", "eval_tokens"}``. ``fast`` chooses the path of
@@ -59,15 +61,21 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, 
     latter, token-weighted) and ``eval_sequence_tokens``. ``sum(response_loss_sum) /
     sum(response_tokens)`` equals ``eval_loss`` to float rounding, and ``sum(response_tokens)``
     equals ``eval_tokens``.
+
+    ``predict=True`` (with ``per_example``) adds ``predicted_ids``: per example, the argmax token at
+    each position that predicts a response token (teacher forcing), from the same logits as the
+    losses: the teacher-forced predictions cost no second forward.
     """
+    if predict and not per_example:
+        raise ValueError("predict=True needs per_example=True (the predictions come from its logits)")
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    per: dict[str, list] = {k: [0] * len(examples) for k in EXAMPLE_LOSS_KEYS}
+    per: dict[str, list] = {k: [0] * len(examples) for k in EXAMPLE_LOSS_KEYS + (("predicted_ids",) if predict else ())}
     for idx in tqdm(length_sorted_batches(examples, batch_size), desc="eval loss", disable=not progress):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         if per_example:
-            batch_total, rows = batch_losses(model, **batch, fast=fast)
+            batch_total, rows = batch_losses(model, **batch, fast=fast, predict=predict)
             for key, values in rows.items():
                 for i, value in zip(idx, values):
                     per[key][i] = value
@@ -83,7 +91,8 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, 
     return result
 
 
-def batch_losses(model, input_ids, attention_mask, labels, fast: bool = True) -> tuple[torch.Tensor, dict]:
+def batch_losses(model, input_ids, attention_mask, labels, fast: bool = True,
+                 predict: bool = False) -> tuple[torch.Tensor, dict]:
     """The summed response loss of a right-padded batch, and per row the response and whole-sequence sums.
 
     Returns ``(total, rows)``: ``total`` is ``method.loss.response_loss(..., reduction="sum")``
@@ -91,7 +100,9 @@ def batch_losses(model, input_ids, attention_mask, labels, fast: bool = True) ->
     summed cross-entropy (fp32 per token, summed in fp64) and the token count over the response
     tokens (``labels`` not -100) and over the whole sequence, every token after the first that is
     not padding (``attention_mask``), each predicted from the tokens before it: the loss a causal
-    LM computes itself from ``labels=input_ids`` with the pads set to -100.
+    LM computes itself from ``labels=input_ids`` with the pads set to -100. ``predict=True`` adds
+    ``predicted_ids``: per row, the argmax of the logits at its response-predicting positions (the
+    rows' teacher-forced predictions), taken from the same logit chunks as the losses.
 
     One forward where the path allows it: ``fast`` with a fusable head (``fast.head_loss``) runs
     the model with every predicting position as ``logits_to_keep``, captures the head's input and
@@ -132,17 +143,25 @@ def batch_losses(model, input_ids, attention_mask, labels, fast: bool = True) ->
         def logits_of(i: int) -> torch.Tensor:
             return logits[i : i + CE_CHUNK_ROWS].float()
 
-    losses = torch.cat([F.cross_entropy(logits_of(i), seq_targets[i : i + CE_CHUNK_ROWS], reduction="none")
-                        for i in range(0, len(seq_targets), CE_CHUNK_ROWS)])
-    losses, seq_keep, is_response = losses.cpu().double(), seq_keep.cpu(), is_response.cpu()  # fp64: not on MPS
+    chunks, argmax = [], []
+    for i in range(0, len(seq_targets), CE_CHUNK_ROWS):
+        logits = logits_of(i)
+        chunks.append(F.cross_entropy(logits, seq_targets[i : i + CE_CHUNK_ROWS], reduction="none"))
+        if predict:
+            argmax.append(logits.argmax(-1))
+    losses, seq_keep, is_response = torch.cat(chunks).cpu().double(), seq_keep.cpu(), is_response.cpu()  # fp64: not on MPS
     row_of = torch.arange(input_ids.shape[0])[:, None].expand_as(seq_keep)[seq_keep]
     zeros = torch.zeros(input_ids.shape[0], dtype=torch.float64)
-    return total, {
+    rows = {
         "response_loss_sum": zeros.index_add(0, row_of[is_response], losses[is_response]).tolist(),
         "response_tokens": response_keep.sum(1).tolist(),
         "sequence_loss_sum": zeros.index_add(0, row_of, losses).tolist(),
         "sequence_tokens": seq_keep.sum(1).tolist(),
     }
+    if predict:  # row-major like response_keep, so each row's response positions are one run, in order
+        predicted = torch.cat(argmax).cpu()[is_response]
+        rows["predicted_ids"] = [ids.tolist() for ids in torch.split(predicted, rows["response_tokens"])]
+    return total, rows
 
 
 METRIC_MODES = ("generation", "teacher-forced")
@@ -168,18 +187,21 @@ def evaluate_model(
     :func:`eval_loss` (``per_example=True``, keys :data:`EXAMPLE_LOSS_KEYS`, in ``examples``
     order), numbers only, for the caller to write or drop.
     """
+    if metrics_mode not in METRIC_MODES:
+        raise ValueError(f"unknown metrics mode {metrics_mode!r}")
+    teacher_forced = metrics_mode == "teacher-forced"
     t0 = time.perf_counter()
-    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, progress, fast=fast, per_example=True)
+    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, progress, fast=fast, per_example=True,
+                     predict=teacher_forced)
     t1 = time.perf_counter()
-    if metrics_mode == "generation":
+    if teacher_forced:  # the argmax at each response position, from the eval loss's own logits
+        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in loss["predicted_ids"]]
+        new_tokens = 0
+    else:
         prompts = [e.input_ids[: e.prompt_len] for e in examples]
         texts, new_tokens = generate_responses(
             model, tokenizer, prompts, max_new_tokens, generation_batch_size, progress
         )
-    elif metrics_mode == "teacher-forced":
-        texts, new_tokens = teacher_forced_responses(model, tokenizer, examples, batch_size, progress, fast), 0
-    else:
-        raise ValueError(f"unknown metrics mode {metrics_mode!r}")
     t2 = time.perf_counter()
     text_metrics = compute_text_metrics(texts, references)
     metrics = {

@@ -1,4 +1,4 @@
-"""Greedy answers to eval prompts: batched, left-padded, with the KV cache; and teacher-forced predictions.
+"""Greedy answers to eval prompts: batched, left-padded, with the KV cache.
 
 Greedy outputs do not depend on how prompts are batched when the model runs in fp32 (see
 ``training.runtime.merged_for_eval``); the tests compare them with ``model.generate`` one prompt at a time.
@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from oloraplus.data.batching import IGNORE, collate, length_sorted_batches
 from oloraplus.data.tokenize import Example
-from oloraplus.method.loss import response_logits
 
 
 @torch.no_grad()
@@ -104,25 +103,3 @@ def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
             return tokens[: n + 1]
     return tokens
 
-
-@torch.no_grad()
-def teacher_forced_responses(
-    model, tokenizer, examples: list[Example], batch_size: int = 8, progress: bool = True, fast: bool = True
-) -> list[str]:
-    """Argmax next-token predictions at the reference response's positions, decoded.
-
-    ``fast=False``: the logits of every position are computed (``method.loss.response_logits``).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    outputs: list[str] = [""] * len(examples)
-    for idx in tqdm(length_sorted_batches(examples, batch_size), desc="teacher-forced", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
-        logits, _ = response_logits(model, **batch, fast=fast)
-        predicted = logits.argmax(-1).cpu()
-        counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
-        start = 0
-        for i, n in zip(idx, counts):
-            outputs[i] = tokenizer.decode(predicted[start : start + n].tolist(), skip_special_tokens=True).strip()
-            start += n
-    return outputs

@@ -4,7 +4,8 @@ Input: a folder written by ``oloraplus tune --final-seeds N``: ``final/trials.cs
 of every method's study; else ``trials.csv``, the last tune command's methods) and
 ``final/<method>-s<seed>/`` (one run per method and seed at the method's best setting), each with
 ``results.json`` and ``eval_losses.json`` (per eval example: ``response_loss_sum``, ``response_tokens``,
-``sequence_loss_sum``, ``sequence_tokens``, aligned with ``eval_indices``).
+``sequence_loss_sum``, ``sequence_tokens``, aligned with ``eval_indices``); optionally
+``final-teacher-forced/runs.jsonl``, ``oloraplus rescore`` of the final runs in teacher-forced mode.
 
 Output: ``report.md`` and ``comparisons.csv``. For every pair of methods (15 for six), paired by seed:
 
@@ -15,7 +16,8 @@ Output: ``report.md`` and ``comparisons.csv``. For every pair of methods (15 for
 - Holm-corrected p-values across the pairs of the family, for the t test and for the bootstrap
   separately; a difference is claimed only where both corrected tests reject at 0.05 with the same
   sign, otherwise the row reads "no difference shown";
-- secondary families: BLEU and ROUGE-L, t intervals over seeds with Holm within each metric.
+- secondary families: BLEU and ROUGE-L of greedy generation and, once rescored, teacher-forced, t
+  intervals over seeds with Holm within each metric.
 
 Beside them: each method's best learning rate (and lambda) with the spread of the trials within 1%
 of the best validation loss, and whether lambda != 1 helps beyond a tuned learning rate (each
@@ -69,11 +71,16 @@ SPREAD = 0.01  # trials within 1% of the best validation loss
 
 PRIMARY = "eval_loss"
 
-SECONDARY = ("bleu", "rougeL")
+SECONDARY = ("bleu", "rougeL", "bleu_tf", "rougeL_tf")  # *_tf: teacher-forced, from TF_DIR
 
-TITLES = {"eval_loss": "eval loss (response tokens)", "bleu": "BLEU", "rougeL": "ROUGE-L"}
+TITLES = {"eval_loss": "eval loss (response tokens)", "bleu": "BLEU", "rougeL": "ROUGE-L",
+          "bleu_tf": "BLEU (teacher-forced)", "rougeL_tf": "ROUGE-L (teacher-forced)"}
 
-LOWER_IS_BETTER = {"eval_loss": True, "bleu": False, "rougeL": False}
+LOWER_IS_BETTER = {"eval_loss": True, "bleu": False, "rougeL": False, "bleu_tf": False, "rougeL_tf": False}
+
+TF_DIR = "final-teacher-forced"  # `oloraplus rescore OUTPUT/final --metrics-mode teacher-forced --output OUTPUT/final-teacher-forced`
+
+TF_METRICS = {"bleu": "bleu_tf", "rougeL": "rougeL_tf"}  # rescore's metric -> its name here
 
 NO_DIFFERENCE = "no difference shown"
 
@@ -263,6 +270,30 @@ def read_final_runs(final_dir: str | Path) -> list[FinalRun]:
     return sorted(runs, key=lambda r: (order.index(r.method) if r.method in order else len(order), r.method, r.seed))
 
 
+def attach_teacher_forced(runs: list[FinalRun], tf_dir: str | Path) -> list[str]:
+    """Add the teacher-forced BLEU/ROUGE-L of ``tf_dir/runs.jsonl`` (``oloraplus rescore`` of the final runs) to
+    the matching runs' metrics (by method and seed, as ``bleu_tf``/``rougeL_tf``); returns notes: a rescored
+    eval loss that differs from the run's own (another adapter or split) is not attached but noted."""
+    from oloraplus.experiments.report import read_runs
+
+    path = Path(tf_dir) / "runs.jsonl"
+    if not path.is_file():
+        return []
+    notes = []
+    by_key = {(r.method, r.seed): r for r in runs}
+    for row in read_runs(path):
+        run = by_key.get((row.get("method"), row.get("seed")))
+        metrics = row.get("metrics") or {}
+        if run is None or row.get("metrics_mode") != "teacher-forced":
+            continue
+        if not math.isclose(float(metrics.get(PRIMARY, math.nan)), float(run.metrics[PRIMARY]), rel_tol=1e-6):
+            notes.append(f"{run.folder}: the teacher-forced rescore gives eval loss {metrics.get(PRIMARY)}, the run "
+                         f"{run.metrics[PRIMARY]}: its teacher-forced scores are left out")
+            continue
+        run.metrics.update({ours: float(metrics[theirs]) for theirs, ours in TF_METRICS.items() if theirs in metrics})
+    return notes
+
+
 def _check_losses(results: dict, losses: dict, name: str) -> str | None:
     """A note when the per-example losses disagree with results.json (other eval records, other loss)."""
     indices = (results.get("data") or {}).get("eval_indices")
@@ -374,14 +405,15 @@ def _by_method(runs: list[FinalRun]) -> dict[str, dict[int, FinalRun]]:
 def compare(runs: list[FinalRun], resamples: int = RESAMPLES, base_seed: int = BOOTSTRAP_SEED,
             trials: list[dict] | None = None, model: str | None = None) -> TunedSummary:
     """Every pairwise comparison of the methods in ``runs`` (primary: eval loss, with the bootstrap;
-    secondary: BLEU and ROUGE-L), Holm-corrected within each metric's family."""
+    secondary: BLEU and ROUGE-L, generated and, where rescored, teacher-forced), Holm-corrected within each
+    metric's family."""
     by_method = _by_method(runs)
     methods = list(by_method)
     notes = [r.note for r in runs if r.note]
     comparisons: list[Comparison] = []
     draws: dict[tuple[str, int], np.ndarray] = {}  # (method, seed) -> resampled losses (same rows per seed)
     idx_cache: dict[tuple[int, int], np.ndarray] = {}
-    for metric in (PRIMARY, *SECONDARY):
+    for metric in (PRIMARY, *(m for m in SECONDARY if any(m in r.metrics for r in runs))):
         family = []
         for a, b in combinations(methods, 2):
             seeds = sorted(set(by_method[a]) & set(by_method[b]))
@@ -464,8 +496,14 @@ def _digits(metric: str) -> int:
     return 4 if metric == PRIMARY else 2
 
 
+def _scored(summary: TunedSummary) -> list[str]:
+    """The secondary metrics that some final run has (teacher-forced ones only once rescored)."""
+    return [m for m in SECONDARY if any(m in r.metrics for r in summary.runs)]
+
+
 def _methods_table(summary: TunedSummary) -> list[str]:
     by_method = _by_method(summary.runs)
+    shown = _scored(summary)
     rows = []
     for method in summary.methods:
         runs = [by_method[method][s] for s in sorted(by_method[method])]
@@ -476,8 +514,8 @@ def _methods_table(summary: TunedSummary) -> list[str]:
                      ", ".join(str(r.seed) for r in runs),
                      _mean_sd([float(r.metrics[PRIMARY]) for r in runs], 4),
                      _mean_sd(seq, 4) + ("" if len(seq) == len(runs) else f" ({len(seq)} of {len(runs)} seeds)"),
-                     *(_mean_sd([float(r.metrics[m]) for r in runs if m in r.metrics], 2) for m in SECONDARY)])
-    return md_table(["method", "lr_A", "λ", "seeds", "eval loss", "sequence loss", "BLEU", "ROUGE-L"], rows)
+                     *(_mean_sd([float(r.metrics[m]) for r in runs if m in r.metrics], 2) for m in shown)])
+    return md_table(["method", "lr_A", "λ", "seeds", "eval loss", "sequence loss", *(TITLES[m] for m in shown)], rows)
 
 
 PAPER_EVAL_LOSS = (75.0, 88.0)  # the range of the paper's "eval loss" column (shared/paper tables), unit not stated
@@ -569,7 +607,8 @@ def render_markdown(summary: TunedSummary) -> str:
     lines = [title, "", intro, ""]
     lines += ["## Final runs (mean ± sd over seeds)", "", *_methods_table(summary), "",
               ("Eval loss: mean response-token cross-entropy (nats), the primary metric. Sequence loss: the "
-               "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation."),
+               "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation; "
+               "teacher-forced: the argmax at each reference position (`oloraplus rescore`)."),
               ""]
     lines += ["## The paper's eval loss ({:g}-{:g})".format(*PAPER_EVAL_LOSS), "", _paper_scale_text(summary), ""]
     lines += ["## Best settings and their spread", ""]
@@ -608,7 +647,10 @@ def render_markdown(summary: TunedSummary) -> str:
     lines += ["## Secondary: BLEU and ROUGE-L (labelled secondary)", "",
               ("Paired t intervals over seeds, Holm within each metric's family; difference a − b (positive: a "
                "scores higher). No per-example bootstrap (BLEU is a corpus score)."), ""]
-    for metric in SECONDARY:
+    if not any(m in _scored(summary) for m in TF_METRICS.values()):
+        lines += [(f"Teacher-forced BLEU/ROUGE-L: not scored yet (`oloraplus rescore OUTPUT/{FINAL_DIR} --metrics-mode "
+                   f"teacher-forced --output OUTPUT/{TF_DIR}`, then this report again)."), ""]
+    for metric in _scored(summary):
         comps = [c for c in summary.comparisons if c.metric == metric]
         header = _comparison_header(False)
         lines += [f"### {TITLES[metric]}", "", *md_table(header, _comparison_rows(comps, False), _align(header)), ""]
@@ -676,6 +718,7 @@ def build_tuned_report(tune_dir: str | Path, output: str | Path | None = None, r
     runs = read_final_runs(tune_dir / FINAL_DIR)
     if not runs:
         raise UserError(f"{tune_dir / FINAL_DIR} holds no finished run (a folder with results.json)")
+    tf_notes = attach_teacher_forced(runs, tune_dir / TF_DIR)
     model = None
     best = tune_dir / "best.json"
     if best.exists():
@@ -686,6 +729,7 @@ def build_tuned_report(tune_dir: str | Path, output: str | Path | None = None, r
     trials_file = tune_dir / FINAL_DIR / TRIALS_FILE
     trials = read_trials(trials_file if trials_file.exists() else tune_dir / TRIALS_FILE)
     summary = compare(runs, resamples, base_seed, trials, model)
+    summary.notes += tf_notes
     summary.regimes = regime_lines(runs, tune_dir, analyses)
     out = Path(output) if output is not None else tune_dir
     out.mkdir(parents=True, exist_ok=True)
