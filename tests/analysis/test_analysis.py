@@ -328,6 +328,12 @@ def train_tiny(ratio: float, steps: int = 6, rank: int = 4, init: str = "olora")
     model = tiny_model("llama")
     weights = original_weights(model)
     peft_model = apply_olora(model, OLoRAPlusConfig(rank=rank, alpha=16, init=init))
+    train_steps(peft_model, ratio, steps)
+    return analyze_adapter(weights, get_peft_model_state_dict(peft_model), rank, 16, init)
+
+
+def train_steps(peft_model, ratio: float, steps: int) -> None:
+    """``steps`` LoRA+ steps (lr 1e-3) on one fixed random batch."""
     optimizer = create_optimizer(peft_model, lr=1e-3, ratio=ratio)
     ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
     peft_model.train()
@@ -335,7 +341,6 @@ def train_tiny(ratio: float, steps: int = 6, rank: int = 4, init: str = "olora")
         peft_model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return analyze_adapter(weights, get_peft_model_state_dict(peft_model), rank, 16, init)
 
 
 def test_exploration_moves_b_further_than_refinement():
@@ -391,21 +396,22 @@ def test_callback_rows_during_trainer_run(tmp_path):
         assert rows[-1][key] == pytest.approx(offline[key], rel=1e-3, abs=1e-7), key
 
 
-def test_callback_pissa_start_and_offline_agree(tmp_path):
+def captured(init: str, tmp_path):
+    """A tiny model with ``init`` adapters (rank 4, alpha 16), its original weights, and a callback that has
+    captured the start."""
     model = tiny_model("llama")
     weights = original_weights(model)
-    model = apply_olora(model, OLoRAPlusConfig(rank=4, alpha=16, init="pissa"))
+    model = apply_olora(model, OLoRAPlusConfig(rank=4, alpha=16, init=init))
     callback = DynamicsCallback(1, tmp_path / "d.jsonl")
     callback.capture(model)
+    return weights, model, callback
+
+
+def test_callback_pissa_start_and_offline_agree(tmp_path):
+    weights, model, callback = captured("pissa", tmp_path)
     start = callback.measure(model)
     assert start["b_subspace_drift"] < 1e-10 and start["b_rel_change"] == 0 and start["a_rel_change"] == 0
-    optimizer = create_optimizer(model, lr=1e-3, ratio=16.0)
-    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(4):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, 16.0, 4)
     live = callback.measure(model)
     offline = analyze_adapter(weights, get_peft_model_state_dict(model), 4, 16, "pissa")["aggregate"]
     assert live["b_subspace_drift"] > 1e-6
@@ -414,11 +420,7 @@ def test_callback_pissa_start_and_offline_agree(tmp_path):
 
 
 def test_callback_lora_init_measures_against_q_r_of_w(tmp_path):
-    model = tiny_model("llama")
-    weights = original_weights(model)
-    model = apply_olora(model, OLoRAPlusConfig(rank=4, alpha=16, init="lora"))
-    callback = DynamicsCallback(1, tmp_path / "d.jsonl")
-    callback.capture(model)
+    weights, model, callback = captured("lora", tmp_path)
     start = callback.measure(model)
     assert start["b_subspace_drift"] is None and start["b_rel_change"] == 0 and start["a_rel_change"] == 0
     with torch.no_grad():  # put B exactly on 2 * Q_r of the original W: no drift, ||B|| = 2 sqrt(r)
