@@ -5,7 +5,7 @@
 #      oloraplus rescore RUNS/final --metrics-mode teacher-forced --output RUNS/final-teacher-forced
 #   2. the regime measures of their adapters: oloraplus analyze RUNS/final/* --output RUNS/analysis
 #   3. copy (numbers only: no Alpaca text, no adapters) final/*/results.json and eval_losses.json,
-#      final/runs.jsonl and trials.csv, final-teacher-forced/runs.jsonl, analysis/analysis.json
+#      final/runs.jsonl and trials.csv, final-teacher-forced/runs.jsonl, analysis/analysis.json (aggregates only)
 #   4. oloraplus report results/tuned/MODEL --tuned  (report.md, comparisons.csv)
 # Usage: results/tuned/collect_final.sh MODEL [STEPS]   (STEPS: any of "rescore analyze copy report", default all)
 # One compute thread (beside the final runs' two workers it runs at nice 19 like them).
@@ -33,7 +33,14 @@ case " $STEPS " in *" copy "*)
   [ -f "$RUNS/final/trials.csv" ] && cp "$RUNS/final/trials.csv" "$OUT/final/"
   [ -f "$RUNS/final-teacher-forced/runs.jsonl" ] && mkdir -p "$OUT/final-teacher-forced" \
     && cp "$RUNS/final-teacher-forced/runs.jsonl" "$OUT/final-teacher-forced/"
-  [ -f "$RUNS/analysis/analysis.json" ] && mkdir -p "$OUT/analysis" && cp "$RUNS/analysis/analysis.json" "$OUT/analysis/"
+  if [ -f "$RUNS/analysis/analysis.json" ]; then  # the per-run aggregates the report reads, without the per-layer rows
+    mkdir -p "$OUT/analysis"
+    "$MAIN/.venv/bin/python" -c 'import json, sys
+data = json.load(open(sys.argv[1]))
+data["runs"] = [{k: v for k, v in e.items() if k != "layers"} for e in data["runs"] if e]
+data["note"] = "per-layer rows dropped: oloraplus analyze of the run folders gives them"
+json.dump(data, open(sys.argv[2], "w"), indent=1)' "$RUNS/analysis/analysis.json" "$OUT/analysis/analysis.json"
+  fi
   ;; esac
 case " $STEPS " in *" report "*)
   $OLORAPLUS report "$OUT" --tuned ;; esac
