@@ -172,6 +172,11 @@ def test_a_large_difference_is_flagged_and_none_is_no_difference_shown(tmp_path)
     assert "seed s with `--data-seed 42 + s`" in text  # read from the runs' configs
     assert "Holm" in text and "no difference shown" in text
     assert "| LoRA+ − LoRA |" in text  # the lambda section, signed plus − single
+    answer = text[text.index("## The answer"):text.index("## Final runs")]
+    assert answer.count(" below LoRA by 0.") == 5 and "Every other pair of the 15: no difference shown" in answer
+    ranking = answer.split("lowest first: ")[1].split("\n")[0].split(", ")
+    assert len(ranking) == 6 and ranking[-1].startswith("LoRA ") and answer.rstrip().endswith("metrics.")
+    assert "λ ≠ 1 beyond a tuned lr, LoRA+ − LoRA: -0.29" in answer and "lora-plus better." in answer and "OLoRA+ − OLoRA: " in answer
     rows = list(csv.DictReader(files.csv.open()))
     assert len(rows) == 45 and {r["family"] for r in rows} == {"primary", "secondary"}
     lora_olora = next(r for r in rows if (r["metric"], r["a"], r["b"]) == ("eval_loss", "lora", "olora"))

@@ -7,7 +7,8 @@ of every method's study; else ``trials.csv``, the last tune command's methods) a
 ``sequence_loss_sum``, ``sequence_tokens``, aligned with ``eval_indices``); optionally
 ``final-teacher-forced/runs.jsonl``, ``oloraplus rescore`` of the final runs in teacher-forced mode.
 
-Output: ``report.md`` and ``comparisons.csv``. For every pair of methods (15 for six), paired by seed:
+Output: ``report.md`` (opening with the answer in plain words, :func:`answer_lines`) and
+``comparisons.csv``. For every pair of methods (15 for six), paired by seed:
 
 - the mean difference (first minus second) of the response-only eval loss with a paired t interval
   over seeds (df = seeds - 1) and a paired bootstrap over eval examples (10,000 resamples, seeded:
@@ -594,6 +595,47 @@ def _flip_to_plus(comp: Comparison, iv: Interval | None) -> Interval | None:
     return Interval(-iv.estimate, -iv.high, -iv.low, iv.p, iv.n)
 
 
+def _better_worse(comp: Comparison) -> tuple[str, str, Interval]:
+    """(better method, worse method, the t interval as better − worse) of a claimed eval-loss difference."""
+    if comp.t.estimate < 0:
+        return comp.a, comp.b, comp.t
+    return comp.b, comp.a, Interval(-comp.t.estimate, -comp.t.high, -comp.t.low, comp.t.p, comp.t.n)
+
+
+def answer_lines(summary: TunedSummary) -> list[str]:
+    """The answer in plain words, from the primary family alone: the ranking by mean eval loss, the
+    differences both corrected tests claim (with their t interval), and the verdict on λ ≠ 1."""
+    by_method = _by_method(summary.runs)
+    means = {m: statistics.fmean(float(r.metrics[PRIMARY]) for r in by_method[m].values()) for m in summary.methods}
+    ranking = sorted(summary.methods, key=means.get)
+    seeds = sorted({r.seed for r in summary.runs})
+    lines = [f"- Seeds {', '.join(map(str, seeds))}; mean eval loss at each method's best setting, lowest first: "
+             + ", ".join(f"{_label(m)} {means[m]:.4f}" for m in ranking) + "."]
+    primary = [c for c in summary.comparisons if c.metric == PRIMARY]
+    claimed = [c for c in primary if c.t is not None and c.verdict.split(" (")[0].endswith(" better")]
+    if not any(c.t is not None for c in primary):
+        lines.append("- No pair has two seeds in common yet: no difference can be tested.")
+    elif claimed:
+        parts = []
+        for c in sorted(claimed, key=lambda c: -abs(c.t.estimate)):
+            better, worse, iv = _better_worse(c)
+            parts.append(f"{_label(better)} below {_label(worse)} by {-iv.estimate:.4f} "
+                         f"(95% CI of the difference [{iv.low:+.4f}, {iv.high:+.4f}])")
+        lines.append(f"- Differences shown (both Holm-corrected tests, α = {ALPHA}): " + "; ".join(parts)
+                     + f". Every other pair of the {len(primary)}: {NO_DIFFERENCE}.")
+    else:
+        lines.append(f"- No difference shown between any two of the {len(primary)} pairs after the Holm correction.")
+    plus = [c for c in primary if method_family(c.a) == method_family(c.b) and takes_ratio(c.a) != takes_ratio(c.b)]
+    for c in plus:
+        plus_m, single = (c.a, c.b) if takes_ratio(c.a) else (c.b, c.a)
+        iv = _flip_to_plus(c, c.t)
+        if iv is None:
+            continue
+        lines.append(f"- λ ≠ 1 beyond a tuned lr, {_label(plus_m)} − {_label(single)}: {iv.estimate:+.4f} "
+                     f"[{iv.low:+.4f}, {iv.high:+.4f}]: {c.verdict}.")
+    return lines
+
+
 def render_markdown(summary: TunedSummary) -> str:
     """The report as Markdown (deterministic for the same input)."""
     seeds = ", ".join(map(str, sorted({r.seed for r in summary.runs})))
@@ -605,6 +647,9 @@ def render_markdown(summary: TunedSummary) -> str:
              f"trained on all training records (`--n-val 0`), seed s with {data_seeds}, evaluated once on "
              "the eval records. Built by `oloraplus report --tuned` from the run folders alone.")
     lines = [title, "", intro, ""]
+    lines += ["## The answer", "", *answer_lines(summary), "",
+              "Eval loss only (the primary metric); the sections below give every interval, both tests and the "
+              "secondary metrics.", ""]
     lines += ["## Final runs (mean ± sd over seeds)", "", *_methods_table(summary), "",
               ("Eval loss: mean response-token cross-entropy (nats), the primary metric. Sequence loss: the "
                "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation; "
