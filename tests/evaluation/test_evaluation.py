@@ -118,12 +118,15 @@ def test_batched_generation_matches_one_at_a_time(family, tiny_tokenizer, exampl
     assert texts == [tiny_tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected]
 
 
+@pytest.mark.parametrize("chunk_rows", [1024, 7])  # 7: many logit chunks per batch, cut inside rows
 @pytest.mark.parametrize("frozen", [True, False])  # frozen: the fused head path (fast.head_loss) with fast
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_teacher_forced_predictions_are_argmax_of_full_logits(family, fast, frozen, tiny_tokenizer, examples):
+def test_teacher_forced_predictions_are_argmax_of_full_logits(family, fast, frozen, chunk_rows, tiny_tokenizer,
+                                                              examples, monkeypatch):
     """The predictions come from the eval loss's own logits (padded batches, chunks); the reference is
     each example alone, unpadded, with every position's logits."""
+    monkeypatch.setattr("oloraplus.evaluation.evaluate.CE_CHUNK_ROWS", chunk_rows)
     model = model_for(family, tiny_tokenizer)
     model.requires_grad_(not frozen)
     if family == "gemma":

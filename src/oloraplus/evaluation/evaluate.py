@@ -145,10 +145,10 @@ def batch_losses(model, input_ids, attention_mask, labels, fast: bool = True,
 
     chunks, argmax = [], []
     for i in range(0, len(seq_targets), CE_CHUNK_ROWS):
-        logits = logits_of(i)
-        chunks.append(F.cross_entropy(logits, seq_targets[i : i + CE_CHUNK_ROWS], reduction="none"))
+        chunk = logits_of(i)  # not named logits: logits_of reads that name on the unfused paths
+        chunks.append(F.cross_entropy(chunk, seq_targets[i : i + CE_CHUNK_ROWS], reduction="none"))
         if predict:
-            argmax.append(logits.argmax(-1))
+            argmax.append(chunk.argmax(-1))
     losses, seq_keep, is_response = torch.cat(chunks).cpu().double(), seq_keep.cpu(), is_response.cpu()  # fp64: not on MPS
     row_of = torch.arange(input_ids.shape[0])[:, None].expand_as(seq_keep)[seq_keep]
     zeros = torch.zeros(input_ids.shape[0], dtype=torch.float64)
