@@ -59,8 +59,10 @@ def unpadded_sums(model, example) -> tuple[float, int, float, int]:
 
 
 @pytest.mark.parametrize("path", ["fused", "kept-logits", "plain"])
+@pytest.mark.parametrize("chunk_rows", [1024, 7])  # 7: the logits of a batch in many chunks
 @pytest.mark.parametrize("family", FAMILIES)
-def test_per_example_sums_reproduce_eval_loss(family, path, tiny_tokenizer, examples, monkeypatch):
+def test_per_example_sums_reproduce_eval_loss(family, path, chunk_rows, tiny_tokenizer, examples, monkeypatch):
+    monkeypatch.setattr(oloraplus.evaluation.evaluate, "CE_CHUNK_ROWS", chunk_rows)
     fast = path != "plain"
     if path == "kept-logits":  # a head the fused loss cannot take: the logits path of --fast
         for module in (oloraplus.fast.head_loss, oloraplus.evaluation.evaluate):
