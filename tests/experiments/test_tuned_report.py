@@ -173,7 +173,7 @@ def test_a_large_difference_is_flagged_and_none_is_no_difference_shown(tmp_path)
     assert "Holm" in text and "no difference shown" in text
     assert "| LoRA+ − LoRA |" in text  # the lambda section, signed plus − single
     answer = text[text.index("## The answer"):text.index("## Final runs")]
-    assert answer.count(" below LoRA by 0.") == 5 and "Every other pair of the 15: no difference shown" in answer
+    assert answer.count(" below LoRA: -0.") == 5 and "Every other pair of the 15: no difference shown" in answer
     ranking = answer.split("lowest first: ")[1].split("\n")[0].split(", ")
     assert len(ranking) == 6 and ranking[-1].startswith("LoRA ") and answer.rstrip().endswith("metrics.")
     assert "λ ≠ 1 beyond a tuned lr, LoRA+ − LoRA: -0.29" in answer and "lora-plus better." in answer and "OLoRA+ − OLoRA: " in answer
@@ -317,6 +317,17 @@ def test_teacher_forced_scores_come_from_the_rescore_of_the_final_runs(tmp_path)
     tf = next(r for r in csv.DictReader(files.csv.open()) if r["metric"] == "bleu_tf")
     assert (tf["a"], tf["b"], tf["seeds"]) == ("olora", "olora-plus", "0 1")  # seed 2 left out: its rescore differs
     assert float(tf["t_mean"]) == pytest.approx(-0.5)  # olora - olora-plus: (0 - 0) and (0.1 - 1.1) over seeds 0, 1
+
+
+def test_the_answer_ranks_over_the_seeds_every_method_has(tmp_path):
+    write_study(tmp_path, {"olora": 0.0}, seeds=(0, 1, 2))
+    write_study(tmp_path, {"olora-plus": 0.0}, seeds=(0, 1))
+    summary = tr.compare(tr.read_final_runs(tmp_path / "final"), resamples=200)
+    ranking = tr.answer_lines(summary)[0]
+    assert "over the seeds every method has (0, 1)" in ranking
+    expected = {m: sum(r.metrics["eval_loss"] for r in summary.runs if r.method == m and r.seed < 2) / 2
+                for m in ("olora", "olora-plus")}
+    assert all(f"{tr._label(m)} {v:.4f}" in ranking for m, v in expected.items())
 
 
 def test_report_tuned_on_the_command_line(tmp_path, capsys):

@@ -606,11 +606,14 @@ def answer_lines(summary: TunedSummary) -> list[str]:
     """The answer in plain words, from the primary family alone: the ranking by mean eval loss, the
     differences both corrected tests claim (with their t interval), and the verdict on λ ≠ 1."""
     by_method = _by_method(summary.runs)
-    means = {m: statistics.fmean(float(r.metrics[PRIMARY]) for r in by_method[m].values()) for m in summary.methods}
-    ranking = sorted(summary.methods, key=means.get)
-    seeds = sorted({r.seed for r in summary.runs})
-    lines = [f"- Seeds {', '.join(map(str, seeds))}; mean eval loss at each method's best setting, lowest first: "
-             + ", ".join(f"{_label(m)} {means[m]:.4f}" for m in ranking) + "."]
+    common = sorted(set.intersection(*(set(by_method[m]) for m in summary.methods)))  # seeds every method has
+    if common:  # a mean over other seeds would rank the seeds' splits, not the methods
+        means = {m: statistics.fmean(float(by_method[m][s].metrics[PRIMARY]) for s in common) for m in summary.methods}
+        ranking = sorted(summary.methods, key=means.get)
+        lines = [f"- Mean eval loss over the seeds every method has ({', '.join(map(str, common))}), each method at its "
+                 "best setting, lowest first: " + ", ".join(f"{_label(m)} {means[m]:.4f}" for m in ranking) + "."]
+    else:
+        lines = ["- No seed has a run of every method yet: no ranking."]
     primary = [c for c in summary.comparisons if c.metric == PRIMARY]
     claimed = [c for c in primary if c.t is not None and c.verdict.split(" (")[0].endswith(" better")]
     if not any(c.t is not None for c in primary):
@@ -619,9 +622,9 @@ def answer_lines(summary: TunedSummary) -> list[str]:
         parts = []
         for c in sorted(claimed, key=lambda c: -abs(c.t.estimate)):
             better, worse, iv = _better_worse(c)
-            parts.append(f"{_label(better)} below {_label(worse)} by {-iv.estimate:.4f} "
-                         f"(95% CI of the difference [{iv.low:+.4f}, {iv.high:+.4f}])")
-        lines.append(f"- Differences shown (both Holm-corrected tests, α = {ALPHA}): " + "; ".join(parts)
+            parts.append(f"{_label(better)} below {_label(worse)}: {iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]")
+        lines.append(f"- Differences shown (both Holm-corrected tests, α = {ALPHA}; better − worse, paired t 95% CI "
+                     f"over {', '.join(str(len(c.seeds)) for c in claimed[:1])} seeds): " + "; ".join(parts)
                      + f". Every other pair of the {len(primary)}: {NO_DIFFERENCE}.")
     else:
         lines.append(f"- No difference shown between any two of the {len(primary)} pairs after the Holm correction.")
