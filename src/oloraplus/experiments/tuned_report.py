@@ -414,7 +414,7 @@ def compare(runs: list[FinalRun], resamples: int = RESAMPLES, base_seed: int = B
     comparisons: list[Comparison] = []
     draws: dict[tuple[str, int], np.ndarray] = {}  # (method, seed) -> resampled losses (same rows per seed)
     idx_cache: dict[tuple[int, int], np.ndarray] = {}
-    for metric in (PRIMARY, *(m for m in SECONDARY if any(m in r.metrics for r in runs))):
+    for metric in (PRIMARY, *_scored(runs)):
         family = []
         for a, b in combinations(methods, 2):
             seeds = sorted(set(by_method[a]) & set(by_method[b]))
@@ -497,14 +497,14 @@ def _digits(metric: str) -> int:
     return 4 if metric == PRIMARY else 2
 
 
-def _scored(summary: TunedSummary) -> list[str]:
+def _scored(runs: list[FinalRun]) -> list[str]:
     """The secondary metrics that some final run has (teacher-forced ones only once rescored)."""
-    return [m for m in SECONDARY if any(m in r.metrics for r in summary.runs)]
+    return [m for m in SECONDARY if any(m in r.metrics for r in runs)]
 
 
 def _methods_table(summary: TunedSummary) -> list[str]:
     by_method = _by_method(summary.runs)
-    shown = _scored(summary)
+    shown = _scored(summary.runs)
     rows = []
     for method in summary.methods:
         runs = [by_method[method][s] for s in sorted(by_method[method])]
@@ -588,18 +588,25 @@ def _comparison_header(bootstrap: bool) -> list[str]:
     return head + ["verdict"]
 
 
+def _negated(iv: Interval) -> Interval:
+    """``iv`` of a − b as the interval of b − a."""
+    return Interval(-iv.estimate, -iv.high, -iv.low, iv.p, iv.n)
+
+
 def _flip_to_plus(comp: Comparison, iv: Interval | None) -> Interval | None:
     """``iv`` of ``comp`` (a − b) as plus − single."""
-    if iv is None or takes_ratio(comp.a):
-        return iv
-    return Interval(-iv.estimate, -iv.high, -iv.low, iv.p, iv.n)
+    return iv if iv is None or takes_ratio(comp.a) else _negated(iv)
+
+
+def _plus_pairs(primary: list[Comparison]) -> list[tuple[Comparison, str, str]]:
+    """(comparison, plus method, single-rate method) of each ``-plus`` method against its own single-rate one."""
+    return [(c, *((c.a, c.b) if takes_ratio(c.a) else (c.b, c.a))) for c in primary
+            if method_family(c.a) == method_family(c.b) and takes_ratio(c.a) != takes_ratio(c.b)]
 
 
 def _better_worse(comp: Comparison) -> tuple[str, str, Interval]:
     """(better method, worse method, the t interval as better − worse) of a claimed eval-loss difference."""
-    if comp.t.estimate < 0:
-        return comp.a, comp.b, comp.t
-    return comp.b, comp.a, Interval(-comp.t.estimate, -comp.t.high, -comp.t.low, comp.t.p, comp.t.n)
+    return (comp.a, comp.b, comp.t) if comp.t.estimate < 0 else (comp.b, comp.a, _negated(comp.t))
 
 
 def answer_lines(summary: TunedSummary) -> list[str]:
@@ -624,13 +631,11 @@ def answer_lines(summary: TunedSummary) -> list[str]:
             better, worse, iv = _better_worse(c)
             parts.append(f"{_label(better)} below {_label(worse)}: {iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]")
         lines.append(f"- Differences shown (both Holm-corrected tests, α = {ALPHA}; better − worse, paired t 95% CI "
-                     f"over {', '.join(str(len(c.seeds)) for c in claimed[:1])} seeds): " + "; ".join(parts)
+                     f"over {len(claimed[0].seeds)} seeds): " + "; ".join(parts)
                      + f". Every other pair of the {len(primary)}: {NO_DIFFERENCE}.")
     else:
         lines.append(f"- No difference shown between any two of the {len(primary)} pairs after the Holm correction.")
-    plus = [c for c in primary if method_family(c.a) == method_family(c.b) and takes_ratio(c.a) != takes_ratio(c.b)]
-    for c in plus:
-        plus_m, single = (c.a, c.b) if takes_ratio(c.a) else (c.b, c.a)
+    for c, plus_m, single in _plus_pairs(primary):
         iv = _flip_to_plus(c, c.t)
         if iv is None:
             continue
@@ -651,8 +656,8 @@ def render_markdown(summary: TunedSummary) -> str:
              "the eval records. Built by `oloraplus report --tuned` from the run folders alone.")
     lines = [title, "", intro, ""]
     lines += ["## The answer", "", *answer_lines(summary), "",
-              "Eval loss only (the primary metric); the sections below give every interval, both tests and the "
-              "secondary metrics.", ""]
+              ("Eval loss only (the primary metric); the sections below give every interval, both tests and the "
+               "secondary metrics."), ""]
     lines += ["## Final runs (mean ± sd over seeds)", "", *_methods_table(summary), "",
               ("Eval loss: mean response-token cross-entropy (nats), the primary metric. Sequence loss: the "
                "same over prompt and response tokens (from `eval_losses.json`). BLEU/ROUGE-L: greedy generation; "
@@ -677,14 +682,13 @@ def render_markdown(summary: TunedSummary) -> str:
     lines += ["## Primary: eval loss, every pair of methods", "", method_text, "",
               *md_table(_comparison_header(True), _comparison_rows(primary, True), _align(_comparison_header(True))),
               ""]
-    plus = [c for c in primary if method_family(c.a) == method_family(c.b) and takes_ratio(c.a) != takes_ratio(c.b)]
+    plus = _plus_pairs(primary)
     lines += ["## Does λ ≠ 1 help beyond a tuned learning rate?", ""]
     if plus:
         lines += [("Each `-plus` method at its best (lr, λ) against its single-rate method at its best lr: the rows "
                    "of the primary family above (same Holm correction), signed plus − single."), ""]
         rows = []
-        for c in plus:
-            plus_m, single = (c.a, c.b) if takes_ratio(c.a) else (c.b, c.a)
+        for c, plus_m, single in plus:
             rows.append([f"{_label(plus_m)} − {_label(single)}", _interval(_flip_to_plus(c, c.t), 4), _p(c.t_holm),
                          _interval(_flip_to_plus(c, c.bootstrap), 4), _p(c.bootstrap_holm), c.verdict])
         header = ["plus − single", "t: mean [95% CI]", "t p (Holm)", "bootstrap [95% CI]", "bootstrap p (Holm)",
@@ -695,10 +699,10 @@ def render_markdown(summary: TunedSummary) -> str:
     lines += ["## Secondary: BLEU and ROUGE-L (labelled secondary)", "",
               ("Paired t intervals over seeds, Holm within each metric's family; difference a − b (positive: a "
                "scores higher). No per-example bootstrap (BLEU is a corpus score)."), ""]
-    if not any(m in _scored(summary) for m in TF_METRICS.values()):
+    if not any(m in _scored(summary.runs) for m in TF_METRICS.values()):
         lines += [(f"Teacher-forced BLEU/ROUGE-L: not scored yet (`oloraplus rescore OUTPUT/{FINAL_DIR} --metrics-mode "
                    f"teacher-forced --output OUTPUT/{TF_DIR}`, then this report again)."), ""]
-    for metric in _scored(summary):
+    for metric in _scored(summary.runs):
         comps = [c for c in summary.comparisons if c.metric == metric]
         header = _comparison_header(False)
         lines += [f"### {TITLES[metric]}", "", *md_table(header, _comparison_rows(comps, False), _align(header)), ""]
