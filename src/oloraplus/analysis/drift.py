@@ -250,6 +250,11 @@ def top_left_singular_vectors(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return to_work_dtype(u[:, :rank])
 
 
+def span_basis(b: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of span(b)'s columns (QR, in the work dtype): U_r for PiSSA's B_0 = U_r sqrt(S_r / s)."""
+    return torch.linalg.qr(to_work_dtype(b))[0]
+
+
 def update_in_top_subspace(update: LowRankUpdate | torch.Tensor, u_r: torch.Tensor) -> float:
     """||U_r^T delta||_F^2 / ||delta||_F^2: share of the update's energy in span(U_r), in [0, 1].
 
@@ -299,13 +304,14 @@ def layer_reference(weight: torch.Tensor, rank: int, init: str, a_0: torch.Tenso
     (s = alpha / r) is needed under PiSSA, whose start depends on it."""
     if init not in REFERENCES:
         raise UserError(f"init must be one of {', '.join(REFERENCES)}, got '{init}'")
-    u_r = top_left_singular_vectors(weight, rank)
     w_norm = float(torch.linalg.norm(weight.detach().float()))
-    if init == "pissa":
+    if init == "pissa":  # pissa_factors already ran W's SVD: span(B_0) = span(U_r), no second SVD
         if scaling is None:
             raise ValueError("the PiSSA reference needs the scaling alpha / r")
         b_0, a_0 = (to_work_dtype(x) for x in pissa_factors(weight, rank, scaling))
+        u_r = span_basis(b_0)
         return LayerReference(init, b_0, a_0, u_r, u_r, w_norm)
+    u_r = top_left_singular_vectors(weight, rank)
     q_r, r_r = olora_factors(weight, rank)
     q_r, r_r = to_work_dtype(q_r), to_work_dtype(r_r)
     if init == "olora":

@@ -15,6 +15,7 @@ from oloraplus.analysis.drift import (
     layer_metrics,
     layer_type,
     rel_change,
+    span_basis,
     to_work_dtype,
     top_left_singular_vectors,
 )
@@ -28,8 +29,8 @@ def peft_init(model: torch.nn.Module) -> str:
     no reference, or PiSSA beside another start, is a :class:`UserError` rather than a drift measured
     from the wrong start."""
     configs = getattr(model, "peft_config", None) or {}
-    values = {str(getattr(c, "init_lora_weights", True)): init_for_peft_value(getattr(c, "init_lora_weights", True))
-              for c in configs.values()}
+    values = {str(value): init_for_peft_value(value)
+              for value in (getattr(c, "init_lora_weights", True) for c in configs.values())}
     unknown = sorted(value for value, init in values.items() if init not in REFERENCES)
     if unknown:
         raise UserError(f"--track-dynamics supports {', '.join(REFERENCES)} adapters, not {', '.join(unknown)}")
@@ -91,14 +92,14 @@ class DynamicsCallback(TrainerCallback):
                 q_r = to_work_dtype(olora_factors(weight, rank)[0])
             elif init == "olora":  # B_0 = Q_r
                 q_r = to_work_dtype(b_0)
-            else:  # PiSSA: an orthonormal basis of span(B_0) = span(U_r)
-                q_r = torch.linalg.qr(to_work_dtype(b_0))[0]
+            else:  # PiSSA: span(B_0) is W's top-r left singular subspace, so it is U_r too (no SVD)
+                q_r = span_basis(b_0)
             self.references[name] = LayerReference(
                 init=init,
                 b_0=torch.zeros_like(q_r) if init == "lora" else to_work_dtype(b_0),
                 a_0=to_work_dtype(a_0),
                 q_r=q_r,
-                u_r=top_left_singular_vectors(weight, rank),
+                u_r=q_r if init == "pissa" else top_left_singular_vectors(weight, rank),
                 w_norm=float(torch.linalg.norm(weight)),
             )
             del weight
