@@ -305,7 +305,9 @@ def test_teacher_forced_scores_come_from_the_rescore_of_the_final_runs(tmp_path)
     rows = []
     for (method, seed), run in runs.items():  # as rescore writes them: tf BLEU rises with the seed for olora-plus
         bleu = 60.0 + (seed if method == "olora-plus" else 0.0) + 0.1 * seed
-        loss = run.metrics["eval_loss"] if (method, seed) != ("olora", 2) else 9.9  # one from another adapter
+        loss = run.metrics["eval_loss"] * (1 + 3e-5 * (-1) ** seed)  # another host's rounding: kept
+        if (method, seed) == ("olora", 2):
+            loss = run.metrics["eval_loss"] * (1 + 3 * tr.TF_REL_TOL)  # another adapter or split: left out
         rows.append(tf_row(method, seed, {"eval_loss": loss, "bleu": bleu, "rougeL": 70.0 + seed}))
     rows.append(tf_row("lora", 0, {"eval_loss": 1.0, "bleu": 1.0}))  # no such final run
     (tmp_path / tr.TF_DIR).mkdir()
@@ -313,7 +315,8 @@ def test_teacher_forced_scores_come_from_the_rescore_of_the_final_runs(tmp_path)
     files = tr.build_tuned_report(tmp_path, resamples=200)
     text = files.markdown.read_text()
     assert "### BLEU (teacher-forced)" in text and "not scored yet" not in text
-    assert "olora-s2: the teacher-forced rescore gives eval loss 9.9" in text
+    assert "olora-s2: the teacher-forced rescore gives eval loss" in text
+    assert sum("the teacher-forced rescore gives" in line for line in text.splitlines()) == 1
     tf = next(r for r in csv.DictReader(files.csv.open()) if r["metric"] == "bleu_tf")
     assert (tf["a"], tf["b"], tf["seeds"]) == ("olora", "olora-plus", "0 1")  # seed 2 left out: its rescore differs
     assert float(tf["t_mean"]) == pytest.approx(-0.5)  # olora - olora-plus: (0 - 0) and (0.1 - 1.1) over seeds 0, 1

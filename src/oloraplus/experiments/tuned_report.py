@@ -80,6 +80,9 @@ TITLES = {"eval_loss": "eval loss (response tokens)", "bleu": "BLEU", "rougeL": 
 LOWER_IS_BETTER = {"eval_loss": True, "bleu": False, "rougeL": False, "bleu_tf": False, "rougeL_tf": False}
 
 TF_DIR = "final-teacher-forced"  # `oloraplus rescore OUTPUT/final --metrics-mode teacher-forced --output OUTPUT/final-teacher-forced`
+# A rescore matches its run when the eval losses agree to this relative tolerance: loose enough for another host
+# kind's rounding, tight enough to catch another adapter or eval split (results/tuned/PLAN.md, session 20).
+TF_REL_TOL = 1e-4
 
 TF_METRICS = {"bleu": "bleu_tf", "rougeL": "rougeL_tf"}  # rescore's metric -> its name here
 
@@ -274,7 +277,8 @@ def read_final_runs(final_dir: str | Path) -> list[FinalRun]:
 def attach_teacher_forced(runs: list[FinalRun], tf_dir: str | Path) -> list[str]:
     """Add the teacher-forced BLEU/ROUGE-L of ``tf_dir/runs.jsonl`` (``oloraplus rescore`` of the final runs) to
     the matching runs' metrics (by method and seed, as ``bleu_tf``/``rougeL_tf``); returns notes: a rescored
-    eval loss that differs from the run's own (another adapter or split) is not attached but noted."""
+    eval loss that differs from the run's own by more than ``TF_REL_TOL`` (another adapter or split, not another
+    host's rounding) is not attached but noted."""
     from oloraplus.experiments.report import read_runs
 
     path = Path(tf_dir) / "runs.jsonl"
@@ -287,7 +291,7 @@ def attach_teacher_forced(runs: list[FinalRun], tf_dir: str | Path) -> list[str]
         metrics = row.get("metrics") or {}
         if run is None or row.get("metrics_mode") != "teacher-forced":
             continue
-        if not math.isclose(float(metrics.get(PRIMARY, math.nan)), float(run.metrics[PRIMARY]), rel_tol=1e-6):
+        if not math.isclose(float(metrics.get(PRIMARY, math.nan)), float(run.metrics[PRIMARY]), rel_tol=TF_REL_TOL):
             notes.append(f"{run.folder}: the teacher-forced rescore gives eval loss {metrics.get(PRIMARY)}, the run "
                          f"{run.metrics[PRIMARY]}: its teacher-forced scores are left out")
             continue
