@@ -8,7 +8,7 @@
 #      final/runs.jsonl and trials.csv, final-teacher-forced/runs.jsonl, analysis/analysis.json (aggregates only)
 #   4. oloraplus report results/tuned/MODEL --tuned  (report.md, comparisons.csv)
 # Usage: results/tuned/collect_final.sh MODEL [STEPS]   (STEPS: any of "rescore analyze copy report", default all)
-# One compute thread (beside the final runs' two workers it runs at nice 19 like them).
+# One compute thread per process (beside the final runs' two workers it runs at nice 19 like them).
 set -eu
 MODEL=$1; STEPS=${2:-rescore analyze copy report}
 MAIN=$(cd "$(dirname "$0")/../.." && pwd)
@@ -19,8 +19,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-
 cd "$MAIN"
 finished=$(ls -d "$RUNS"/final/*/results.json 2>/dev/null | xargs -r -n1 dirname | sort)
 [ -n "$finished" ] || { echo "no finished final run in $RUNS/final"; exit 1; }
-case " $STEPS " in *" rescore "*)
-  $OLORAPLUS rescore "$RUNS/final" --metrics-mode teacher-forced --output "$RUNS/final-teacher-forced" ;; esac
+case " $STEPS " in *" rescore "*)  # RESCORE_WORKERS copies side by side, each claiming runs (2 on a quiet 2-core CPU)
+  for w in $(seq 1 "${RESCORE_WORKERS:-1}"); do
+    $OLORAPLUS rescore "$RUNS/final" --metrics-mode teacher-forced --output "$RUNS/final-teacher-forced" &
+    sleep 5
+  done
+  wait ;; esac
 case " $STEPS " in *" analyze "*)
   # the whole set again (one model load; about half a minute per run): analysis.json is rewritten as one file
   $OLORAPLUS analyze $finished --output "$RUNS/analysis" ;; esac

@@ -506,6 +506,18 @@ def test_rescore_scores_saved_adapters_in_another_mode(tmp_path, monkeypatch):
     assert {r["metrics_mode"] for r in rows} == {"teacher-forced"} and {r["seed"] for r in rows} == {0}
     experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", seeds=[0], log=lambda _: None)
     assert len(scored) == 2 and len(experiments.read_runs(tmp_path / "tf" / "runs.jsonl")) == 2  # resumed
+    from oloraplus.outputs import shared_work_claim
+
+    busy = next(r for r in experiments.read_runs(tmp_path / "grid" / "runs.jsonl") if r["seed"] == 1)
+    seed0 = next(r for r in experiments.read_runs(tmp_path / "tf" / "runs.jsonl")
+                 if (r["method"], r["ratio"]) == (busy["method"], busy["ratio"]))
+    folder = seed0["run_dir"].removesuffix("-s0") + "-s1"  # where the rescore of `busy` goes
+    with shared_work_claim(experiments.claim_path(tmp_path / "tf", folder)) as mine:  # another process's
+        assert mine
+        outcome = experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", log=lambda _: None)
+    assert outcome.elsewhere == [busy["key"]] and len(outcome.done) == 1 and len(scored) == 3  # passed over
+    again = experiments.rescore_grid(tmp_path / "grid", tmp_path / "tf", "teacher-forced", log=lambda _: None)
+    assert again.done == [busy["key"]] and len(again.skipped) == 3 and len(scored) == 4
 
 
 def test_track_dynamics_applies_to_chosen_seeds_and_does_not_block_resume(tmp_path, monkeypatch):

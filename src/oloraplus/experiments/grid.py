@@ -510,7 +510,8 @@ def rescore_grid(
 
     Each run of ``source/runs.jsonl`` (only ``seeds`` if given) is re-evaluated with
     ``oloraplus evaluate`` semantics (same split, same model) into ``output_dir/runs/<folder>``,
-    and gets its line in ``output_dir/runs.jsonl``; resumable like :func:`run_grid`.
+    and gets its line in ``output_dir/runs.jsonl``; resumable like :func:`run_grid`, and shared
+    like it: several processes on one ``output_dir`` each claim a run before scoring it.
     """
     from oloraplus.training.recipe import evaluate_adapter
 
@@ -526,21 +527,26 @@ def rescore_grid(
         spec = RunSpec(row["model"], row["method"], row["ratio"], row["seed"],
                        {**row.get("flags", {}), "metrics_mode": metrics_mode})
         prefix, rel = f"[{i}/{len(rows)}] {spec.label} ({metrics_mode})", f"runs/{spec.folder}"
-        results = _load_results(out / rel / "results.json")
-        if results is None:
-            log(f"{prefix} ...")
-            try:
-                results = evaluate_adapter(spec.config(out / rel), str(source / row["run_dir"] / "adapter"))
-            except Exception as exc:  # like run_grid: one broken run does not stop the rest
-                log(f"{prefix} ... FAILED: {type(exc).__name__}: {exc}".splitlines()[0])
-                outcome.failed.append(spec.key)
+        with shared_work_claim(claim_path(out, rel)) as mine:
+            if not mine:
+                log(f"{prefix} ... running in another process; passed over")
+                outcome.elsewhere.append(spec.key)
                 continue
-            outcome.done.append(spec.key)
-        else:
-            outcome.skipped.append(spec.key)
-            if spec.key in known:
-                continue
-        _record(runs_file, run_row(spec, results, rel), known)
+            results = _load_results(out / rel / "results.json")  # read under the claim: maybe finished elsewhere
+            if results is None:
+                log(f"{prefix} ...")
+                try:
+                    results = evaluate_adapter(spec.config(out / rel), str(source / row["run_dir"] / "adapter"))
+                except Exception as exc:  # like run_grid: one broken run does not stop the rest
+                    log(f"{prefix} ... FAILED: {type(exc).__name__}: {exc}".splitlines()[0])
+                    outcome.failed.append(spec.key)
+                    continue
+                outcome.done.append(spec.key)
+            else:
+                outcome.skipped.append(spec.key)
+                if spec.key in known:
+                    continue
+            _record(runs_file, run_row(spec, results, rel), known)
     return outcome
 
 
