@@ -247,9 +247,18 @@ def build_parser(settings: dict[str, dict] | None = None) -> argparse.ArgumentPa
     _add_export_command(sub)
     _add_generate_command(sub)
     _add_tune_command(sub)
-    bench = sub.add_parser("bench", help="speed of our stack vs the Trainer at its defaults (the paper's stack) and "
-                                         "configured (bf16, length-grouped batches, SDPA), side by side")
-    bench.add_argument("--quick", action="store_true", help="smollm2-135m, 128 records")
+    bench = sub.add_parser(
+        "bench", help="speed of our stack vs the Trainer at its defaults (the paper's stack) and "
+                      "configured (bf16, length-grouped batches, SDPA), side by side",
+        description="Trains the same records with three stacks (the Trainer at its defaults, the Trainer configured "
+                    "as a knowing user runs it, ours), each in its own child process, alternated over data orders "
+                    "(256 records, 3 orders; --quick: 128 records, 1 order), and times the OLoRA init, the OLoRA+ "
+                    "against the OLoRA step, greedy generation against a one-prompt-at-a-time loop (with the share "
+                    "of identical outputs) and the roofline fraction against a bf16 matmul peak measured in the same "
+                    "run. Writes --output (JSON, with the host's CPU and library versions) and prints a table. "
+                    "Needs a quiet machine: other work on the cores moves every ratio.")
+    bench.add_argument("--quick", action="store_true", help="smollm2-135m only (unless --model), 128 records, 1 data "
+                                                            "order")
     bench.add_argument("--model", nargs="+", default=None, help="models (default: smollm2-135m, plus gemma3-270m unless --quick)")
     bench.add_argument("--data", default=DEFAULT_DATA)
     bench.add_argument("--output", required=True, help="JSON file to write")
