@@ -16,6 +16,8 @@ report needs.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import re
@@ -437,10 +439,8 @@ def run_grid(
     for i, spec in enumerate(specs, start=1):
         prefix = f"[{i}/{total}] {spec.label}"
         rel = (Path(runs_dir) / spec.folder).as_posix()
-        with shared_work_claim(claim_path(out, rel)) as mine:
+        with _claim(out, rel, prefix, spec.key, outcome, log) as mine:
             if not mine:
-                log(f"{prefix} ... running in another process; passed over")
-                outcome.elsewhere.append(spec.key)
                 continue
             _run_claimed(spec, rel, out, prefix, existing[spec.key], reuse, data_hashes, runs_file, failures_file,
                          known, outcome, log)
@@ -450,6 +450,17 @@ def run_grid(
         + (f", {len(outcome.elsewhere)} running in another process" if outcome.elsewhere else "")
     )
     return outcome
+
+
+@contextlib.contextmanager
+def _claim(out: Path, rel: str, prefix: str, key: str, outcome: GridOutcome, log: Callable[[str], None]):
+    """Claim the run folder ``rel`` for this process (:func:`claim_path`); yields whether it is ours, and
+    logs and counts (``outcome.elsewhere``) a run that another process holds."""
+    with shared_work_claim(claim_path(out, rel)) as mine:
+        if not mine:
+            log(f"{prefix} ... running in another process; passed over")
+            outcome.elsewhere.append(key)
+        yield mine
 
 
 def claim_path(output_dir: str | Path, rel: str) -> Path:
@@ -527,10 +538,8 @@ def rescore_grid(
         spec = RunSpec(row["model"], row["method"], row["ratio"], row["seed"],
                        {**row.get("flags", {}), "metrics_mode": metrics_mode})
         prefix, rel = f"[{i}/{len(rows)}] {spec.label} ({metrics_mode})", f"runs/{spec.folder}"
-        with shared_work_claim(claim_path(out, rel)) as mine:
+        with _claim(out, rel, prefix, spec.key, outcome, log) as mine:
             if not mine:
-                log(f"{prefix} ... running in another process; passed over")
-                outcome.elsewhere.append(spec.key)
                 continue
             results = _load_results(out / rel / "results.json")  # read under the claim: maybe finished elsewhere
             if results is None:
