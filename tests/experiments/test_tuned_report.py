@@ -316,6 +316,9 @@ def test_teacher_forced_scores_come_from_the_rescore_of_the_final_runs(tmp_path)
     text = files.markdown.read_text()
     assert "### BLEU (teacher-forced)" in text and "not scored yet" not in text
     assert "olora-s2: the teacher-forced rescore gives eval loss" in text
+    assert "5 of 6 final runs have them" in text and "Without (not rescored, or left out as noted): olora-s2." in text
+    olora_row = next(line for line in text.splitlines() if line.startswith("| OLoRA |"))
+    assert olora_row.endswith("(2 of 3 seeds) | 70.50 ± 0.71 (2 of 3 seeds) |")  # tf BLEU, ROUGE-L over seeds 0, 1
     assert sum("the teacher-forced rescore gives" in line for line in text.splitlines()) == 1
     tf = next(r for r in csv.DictReader(files.csv.open()) if r["metric"] == "bleu_tf")
     assert (tf["a"], tf["b"], tf["seeds"]) == ("olora", "olora-plus", "0 1")  # seed 2 left out: its rescore differs

@@ -506,6 +506,21 @@ def _scored(runs: list[FinalRun]) -> list[str]:
     return [m for m in SECONDARY if any(m in r.metrics for r in runs)]
 
 
+def _of_seeds(cell: str, have: int, seeds: int) -> str:
+    """A table cell over ``have`` of a method's ``seeds`` final runs, saying so when some are missing."""
+    return cell if have == seeds else f"{cell} ({have} of {seeds} seeds)"
+
+
+def _teacher_forced_coverage(runs: list[FinalRun]) -> str | None:
+    """One line when only some final runs have teacher-forced scores (a rescore still to run, or left out)."""
+    missing = [r.folder for r in runs if not any(m in r.metrics for m in TF_METRICS.values())]
+    if not missing or len(missing) == len(runs):
+        return None
+    return (f"Teacher-forced BLEU/ROUGE-L: {len(runs) - len(missing)} of {len(runs)} final runs have them; each "
+            f"comparison uses the seeds both methods have. Without (not rescored, or left out as noted): "
+            f"{', '.join(sorted(missing))}.")
+
+
 def _methods_table(summary: TunedSummary) -> list[str]:
     by_method = _by_method(summary.runs)
     shown = _scored(summary.runs)
@@ -518,8 +533,9 @@ def _methods_table(summary: TunedSummary) -> list[str]:
         rows.append([_label(method), ", ".join(_g(x) for x in lrs), ", ".join(_g(x) for x in ratios) or "—",
                      ", ".join(str(r.seed) for r in runs),
                      _mean_sd([float(r.metrics[PRIMARY]) for r in runs], 4),
-                     _mean_sd(seq, 4) + ("" if len(seq) == len(runs) else f" ({len(seq)} of {len(runs)} seeds)"),
-                     *(_mean_sd([float(r.metrics[m]) for r in runs if m in r.metrics], 2) for m in shown)])
+                     _of_seeds(_mean_sd(seq, 4), len(seq), len(runs)),
+                     *(_of_seeds(_mean_sd(v, 2), len(v), len(runs))
+                       for v in ([float(r.metrics[m]) for r in runs if m in r.metrics] for m in shown))])
     return md_table(["method", "lr_A", "λ", "seeds", "eval loss", "sequence loss", *(TITLES[m] for m in shown)], rows)
 
 
@@ -706,6 +722,9 @@ def render_markdown(summary: TunedSummary) -> str:
     if not any(m in _scored(summary.runs) for m in TF_METRICS.values()):
         lines += [(f"Teacher-forced BLEU/ROUGE-L: not scored yet (`oloraplus rescore OUTPUT/{FINAL_DIR} --metrics-mode "
                    f"teacher-forced --output OUTPUT/{TF_DIR}`, then this report again)."), ""]
+    coverage = _teacher_forced_coverage(summary.runs)
+    if coverage:
+        lines += [coverage, ""]
     for metric in _scored(summary.runs):
         comps = [c for c in summary.comparisons if c.metric == metric]
         header = _comparison_header(False)
