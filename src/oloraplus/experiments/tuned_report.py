@@ -511,11 +511,15 @@ def _of_seeds(cell: str, have: int, seeds: int) -> str:
     return cell if have == seeds else f"{cell} ({have} of {seeds} seeds)"
 
 
-def _teacher_forced_coverage(runs: list[FinalRun]) -> str | None:
-    """One line when only some final runs have teacher-forced scores (a rescore still to run, or left out)."""
+def _teacher_forced_status(runs: list[FinalRun]) -> str | None:
+    """One line unless every final run has teacher-forced scores: none scored yet (and how to score them), or
+    how many are (a rescore still to run, or left out as the notes say)."""
     missing = [r.folder for r in runs if not any(m in r.metrics for m in TF_METRICS.values())]
-    if not missing or len(missing) == len(runs):
+    if not missing:
         return None
+    if len(missing) == len(runs):
+        return (f"Teacher-forced BLEU/ROUGE-L: not scored yet (`oloraplus rescore OUTPUT/{FINAL_DIR} --metrics-mode "
+                f"teacher-forced --output OUTPUT/{TF_DIR}`, then this report again).")
     return (f"Teacher-forced BLEU/ROUGE-L: {len(runs) - len(missing)} of {len(runs)} final runs have them; each "
             f"comparison uses the seeds both methods have. Without (not rescored, or left out as noted): "
             f"{', '.join(sorted(missing))}.")
@@ -719,12 +723,9 @@ def render_markdown(summary: TunedSummary) -> str:
     lines += ["## Secondary: BLEU and ROUGE-L (labelled secondary)", "",
               ("Paired t intervals over seeds, Holm within each metric's family; difference a − b (positive: a "
                "scores higher). No per-example bootstrap (BLEU is a corpus score)."), ""]
-    if not any(m in _scored(summary.runs) for m in TF_METRICS.values()):
-        lines += [(f"Teacher-forced BLEU/ROUGE-L: not scored yet (`oloraplus rescore OUTPUT/{FINAL_DIR} --metrics-mode "
-                   f"teacher-forced --output OUTPUT/{TF_DIR}`, then this report again)."), ""]
-    coverage = _teacher_forced_coverage(summary.runs)
-    if coverage:
-        lines += [coverage, ""]
+    status = _teacher_forced_status(summary.runs)
+    if status:
+        lines += [status, ""]
     for metric in _scored(summary.runs):
         comps = [c for c in summary.comparisons if c.metric == metric]
         header = _comparison_header(False)
