@@ -16,7 +16,12 @@ from conftest import make_records, tiny_model
 from oloraplus.data.batching import collate
 from oloraplus.data.tokenize import tokenize_records
 from oloraplus.evaluation.evaluate import eval_loss, evaluate_model
-from oloraplus.evaluation.generation import generate_responses, greedy_decode
+from oloraplus.evaluation.generation import (
+    PreallocatedLayer,
+    generate_responses,
+    greedy_decode,
+    preallocated_cache,
+)
 from oloraplus.evaluation.metrics import compute_text_metrics
 from oloraplus.method.loss import response_loss
 
@@ -177,3 +182,30 @@ def test_greedy_decode_matches_generate_with_a_sliding_window_cache(tiny_tokeniz
     got = greedy_decode(model, batch["input_ids"], batch["attention_mask"], 6, eos_ids)
     assert got == expected
     assert min(len(p) for p in prompts) > 4  # the window really is shorter than every prompt
+
+
+def test_preallocated_cache_holds_what_transformers_dynamic_cache_holds(tiny_tokenizer):
+    """The same keys and values as ``DynamicCache`` after a prefill, decode steps and rows leaving;
+    Gemma's sliding-window layers stay transformers' own."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    gemma = model_for("gemma", tiny_tokenizer)
+    gemma.config.layer_types = ["sliding_attention", "full_attention"] * (gemma.config.num_hidden_layers // 2)
+    kinds = [type(layer) for layer in preallocated_cache(gemma, 16).layers]
+    assert PreallocatedLayer in kinds and DynamicSlidingWindowLayer in kinds
+    model = model_for("llama", tiny_tokenizer)
+    ours, theirs = preallocated_cache(model, 8), DynamicCache(config=model.config)
+    assert all(type(layer) is PreallocatedLayer for layer in ours.layers)
+    torch.manual_seed(0)
+    steps = [torch.randn(4, 2, 5, 8)] + [torch.randn(4, 2, 1, 8) for _ in range(2)] + [torch.randn(2, 2, 1, 8)]
+    for n, kv in enumerate(steps):
+        if n == 3:
+            for cache in (ours, theirs):
+                cache.batch_select_indices(torch.tensor([0, 3]))
+        got = ours.update(kv, -kv, layer_idx=0)
+        want = theirs.update(kv, -kv, layer_idx=0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == theirs.get_seq_length() == 5 + n
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        ours.update(steps[-1], steps[-1], layer_idx=0)

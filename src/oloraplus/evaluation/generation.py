@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from oloraplus.data.batching import IGNORE, collate, length_sorted_batches
 from oloraplus.data.tokenize import Example
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_responses(
     model,
     tokenizer,
@@ -44,7 +46,7 @@ def generate_responses(
     return outputs, new_tokens
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_decode(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_ids: list[int]
 ) -> list[list[int]]:
@@ -54,9 +56,7 @@ def greedy_decode(
     Alpaca's spread of response lengths much of the decoding work goes to padding (bench/NOTES.md).
     Returns the new tokens per row, up to and including the first EOS.
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
     rows = torch.arange(input_ids.shape[0])
     new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     eos = torch.tensor(eos_ids, device=input_ids.device)
@@ -85,6 +85,51 @@ def greedy_decode(
         positions = positions[:, -1:] + 1
         step_ids = token[:, None]
     return new
+
+
+def preallocated_cache(model, capacity: int) -> DynamicCache:
+    """A ``DynamicCache`` whose full-attention layers write into buffers of ``capacity`` positions.
+
+    ``DynamicLayer`` concatenates each step's keys and values onto the whole cache, copying every
+    layer's cache once per new token; :class:`PreallocatedLayer` writes the new positions in place
+    and hands attention a view of the filled part: the same keys and values, so the same outputs.
+    Sliding-window layers (Gemma 3) are kept as transformers builds them.
+    """
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer's cache in preallocated [batch, heads, capacity, dim] buffers."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions, {end} were asked for")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -1,0 +1,152 @@
+"""Where batched greedy generation's time goes, and decoding variants side by side.
+
+The bench's generation measurement (64 eval prompts of its split, 64 new tokens, one batch of 64,
+the merged fp32 model) with :func:`oloraplus.evaluation.generation.generate_responses`, first under
+``torch.profiler`` (operators' self CPU time by ``bench.profile_probe``'s categories, the rest of the
+wall time as framework), then each variant timed ``--repeats`` times, alternated, its outputs
+compared with the default's. ``python -m bench.generation_probe [MODEL] [--json FILE] [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.harness import BenchConfig, split_examples
+from bench.profile_probe import category
+from oloraplus.evaluation import generation
+from oloraplus.models.loading import load_model
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@contextmanager
+def _attention(model, kernel: str):
+    from oloraplus.fast.attention import current_attention, use_attention
+
+    old = current_attention(model)
+    use_attention(model, kernel)
+    try:
+        yield
+    finally:
+        use_attention(model, old)
+
+
+@contextmanager
+def _dynamic_cache():
+    """transformers' own DynamicCache (concatenation per step) in place of the preallocated one."""
+    from transformers import DynamicCache
+
+    from oloraplus.evaluation import generation
+
+    old = generation.preallocated_cache
+    generation.preallocated_cache = lambda model, capacity: DynamicCache(config=model.config)
+    try:
+        yield
+    finally:
+        generation.preallocated_cache = old
+
+
+@contextmanager
+def _no_grad():
+    """``torch.no_grad`` in place of ``torch.inference_mode`` around the decoding."""
+    from oloraplus.evaluation import generation
+
+    old = generation.generate_responses, generation.greedy_decode
+    generation.generate_responses = torch.no_grad()(old[0].__wrapped__)
+    generation.greedy_decode = torch.no_grad()(old[1].__wrapped__)
+    try:
+        yield
+    finally:
+        generation.generate_responses, generation.greedy_decode = old
+
+
+def variants(model) -> dict:
+    """name -> a context manager factory under which generation runs that way."""
+    from oloraplus.fast.attention import GROUPED
+
+    return {
+        "default": contextmanager(lambda: (yield)),
+        "sdpa_gqa": lambda: _env("TRANSFORMERS_SDPA_FORCE_GQA", "1"),
+        "grouped": lambda: _attention(model, GROUPED),
+        "dynamic_cache": _dynamic_cache,
+        "no_grad": _no_grad,
+    }
+
+
+def run(model, tok, prompts, cfg) -> tuple[list[str], int, float]:
+    t = time.perf_counter()
+    out, n = generation.generate_responses(model, tok, prompts, cfg.max_new_tokens, batch_size=len(prompts), progress=False)
+    return out, n, time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", nargs="?", default="smollm2-135m")
+    parser.add_argument("--json")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--max-new-tokens", type=int, default=BenchConfig.max_new_tokens)
+    parser.add_argument("--prompts", type=int, default=BenchConfig.generation_prompts)
+    args = parser.parse_args()
+    cfg = BenchConfig(model=args.model, max_new_tokens=args.max_new_tokens)
+    model, tok = load_model(args.model)
+    model = model.float().eval()
+    _, _, evals = split_examples(cfg, tok)
+    prompts = [e.input_ids[: e.prompt_len] for e in evals[: args.prompts]]
+    generation.generate_responses(model, tok, prompts[:8], 4, batch_size=8, progress=False)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reference, n_ref, wall = run(model, tok, prompts, cfg)
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            c = category(event.key)
+            seconds[c] = seconds.get(c, 0.0) + event.self_cpu_time_total / 1e6
+    top = sorted(((e.self_cpu_time_total / 1e6, e.key, e.count) for e in prof.key_averages()), reverse=True)[:15]
+    seconds["framework (Python, dispatch)"] = max(0.0, wall - sum(seconds.values()))
+    print(f"profiled: {n_ref} new tokens in {wall:.2f} s")
+    for c, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"  {c:40s} {s:7.2f} s  {100 * s / wall:5.1f}%")
+    for s, k, n in top:
+        print(f"    {k:40s} {s:7.2f} s  {n} calls")
+    chosen = {k: v for k, v in variants(model).items() if not args.only or k in args.only or k == "default"}
+    times: dict[str, list[float]] = {k: [] for k in chosen}
+    same: dict[str, float] = {}
+    for r in range(args.repeats):
+        for name in (list(chosen) if r % 2 == 0 else list(reversed(chosen))):
+            with chosen[name]():
+                out, n, s = run(model, tok, prompts, cfg)
+            times[name].append(n / s)
+            same[name] = sum(a == b for a, b in zip(out, reference)) / len(prompts)
+    result = {"model": args.model, "profile_seconds": seconds, "profile_wall": wall,
+              "tokens_per_second": {k: v for k, v in times.items()}, "identical_share": same,
+              "threads": torch.get_num_threads()}
+    for name in chosen:
+        med = statistics.median(times[name])
+        print(f"{name:10s} {med:7.1f} new tok/s ({' '.join(f'{t:.1f}' for t in times[name])})  "
+              f"x{med / statistics.median(times['default']):.3f}  identical {same[name]:.0%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
