@@ -1,10 +1,12 @@
 """Where batched greedy generation's time goes, and decoding variants side by side.
 
-The bench's generation measurement (64 eval prompts of its split, 64 new tokens, one batch of 64,
-the merged fp32 model) with :func:`oloraplus.evaluation.generation.generate_responses`, first under
-``torch.profiler`` (operators' self CPU time by ``bench.profile_probe``'s categories, the rest of the
-wall time as framework), then each variant timed ``--repeats`` times, alternated, its outputs
-compared with the default's. ``python -m bench.generation_probe [MODEL] [--json FILE] [--repeats N]``.
+The bench's generation measurement (64 eval prompts of its split, 64 new tokens, one batch of 64, fp32)
+on the base model (the bench generates with its trained, merged one) with
+:func:`oloraplus.evaluation.generation.generate_responses`: first under ``torch.profiler`` (operators'
+self CPU time by ``bench.profile_probe``'s categories, the rest of the wall time as framework), then
+each variant timed ``--repeats`` times, alternated, its outputs compared with the default's, and with
+``--loop N`` the bench's one-prompt-at-a-time baseline N times between them.
+``python -m bench.generation_probe [MODEL] [--json FILE] [--repeats N] [--loop N] [--only VARIANT ...]``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.harness import BenchConfig, split_examples
+from bench.harness import BenchConfig, one_prompt_at_a_time, split_examples
 from bench.profile_probe import category
 from oloraplus.evaluation import generation
 from oloraplus.models.loading import load_model
@@ -79,6 +81,13 @@ def _no_grad():
         generation.generate_responses, generation.greedy_decode = old
 
 
+@contextmanager
+def _before():
+    """The decoding before the preallocated cache and inference mode (commit a0f36d8)."""
+    with _dynamic_cache(), _no_grad():
+        yield
+
+
 def variants(model) -> dict:
     """name -> a context manager factory under which generation runs that way."""
     from oloraplus.fast.attention import GROUPED
@@ -89,6 +98,7 @@ def variants(model) -> dict:
         "grouped": lambda: _attention(model, GROUPED),
         "dynamic_cache": _dynamic_cache,
         "no_grad": _no_grad,
+        "before": _before,
     }
 
 
@@ -98,6 +108,25 @@ def run(model, tok, prompts, cfg) -> tuple[list[str], int, float]:
     return out, n, time.perf_counter() - t
 
 
+def profiled(model, tok, prompts, cfg) -> tuple[list[str], dict, float]:
+    """One generation under ``torch.profiler``: its texts, seconds by category, wall seconds."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        texts, n, wall = run(model, tok, prompts, cfg)
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            c = category(event.key)
+            seconds[c] = seconds.get(c, 0.0) + event.self_cpu_time_total / 1e6
+    seconds["framework (Python, dispatch)"] = max(0.0, wall - sum(seconds.values()))
+    print(f"profiled: {n} new tokens in {wall:.2f} s")
+    for c, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"  {c:40s} {s:7.2f} s  {100 * s / wall:5.1f}%")
+    for s, k, count in sorted(((e.self_cpu_time_total / 1e6, e.key, e.count) for e in prof.key_averages()),
+                              reverse=True)[:15]:
+        print(f"    {k:40s} {s:7.2f} s  {count} calls")
+    return texts, seconds, wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default="smollm2-135m")
@@ -105,6 +134,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--max-new-tokens", type=int, default=BenchConfig.max_new_tokens)
+    parser.add_argument("--loop", type=int, default=0,
+                        help="also time the bench's one-prompt-at-a-time baseline this many times")
+    parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--prompts", type=int, default=BenchConfig.generation_prompts)
     args = parser.parse_args()
     cfg = BenchConfig(model=args.model, max_new_tokens=args.max_new_tokens)
@@ -113,36 +145,36 @@ def main() -> None:
     _, _, evals = split_examples(cfg, tok)
     prompts = [e.input_ids[: e.prompt_len] for e in evals[: args.prompts]]
     generation.generate_responses(model, tok, prompts[:8], 4, batch_size=8, progress=False)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        reference, n_ref, wall = run(model, tok, prompts, cfg)
-    seconds: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            c = category(event.key)
-            seconds[c] = seconds.get(c, 0.0) + event.self_cpu_time_total / 1e6
-    top = sorted(((e.self_cpu_time_total / 1e6, e.key, e.count) for e in prof.key_averages()), reverse=True)[:15]
-    seconds["framework (Python, dispatch)"] = max(0.0, wall - sum(seconds.values()))
-    print(f"profiled: {n_ref} new tokens in {wall:.2f} s")
-    for c, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        print(f"  {c:40s} {s:7.2f} s  {100 * s / wall:5.1f}%")
-    for s, k, n in top:
-        print(f"    {k:40s} {s:7.2f} s  {n} calls")
+    result = {"model": args.model, "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+              "threads": torch.get_num_threads()}
+    if args.no_profile:
+        reference, _, _ = run(model, tok, prompts, cfg)
+    else:
+        reference, result["profile_seconds"], result["profile_wall"] = profiled(model, tok, prompts, cfg)
     chosen = {k: v for k, v in variants(model).items() if not args.only or k in args.only or k == "default"}
     times: dict[str, list[float]] = {k: [] for k in chosen}
     same: dict[str, float] = {}
-    for r in range(args.repeats):
-        for name in (list(chosen) if r % 2 == 0 else list(reversed(chosen))):
+    loop: list[float] = []
+    for r in range(max(args.repeats, args.loop)):
+        if r < args.loop:
+            texts, n, s = one_prompt_at_a_time(model, tok, prompts, cfg.max_new_tokens)
+            loop.append(n / s)
+            same["loop"] = sum(a == b for a, b in zip(texts, reference)) / len(prompts)
+        for name in (list(chosen) if r % 2 == 0 else list(reversed(chosen))) if r < args.repeats else []:
             with chosen[name]():
                 out, n, s = run(model, tok, prompts, cfg)
             times[name].append(n / s)
             same[name] = sum(a == b for a, b in zip(out, reference)) / len(prompts)
-    result = {"model": args.model, "profile_seconds": seconds, "profile_wall": wall,
-              "tokens_per_second": {k: v for k, v in times.items()}, "identical_share": same,
-              "threads": torch.get_num_threads()}
+    result |= {"tokens_per_second": times, "identical_share": same}
+    if loop:
+        result["loop_tokens_per_second"] = loop
+        print(f"{'loop':13s} {statistics.median(loop):7.1f} new tok/s ({' '.join(f'{t:.1f}' for t in loop)})  "
+              f"identical to default {same['loop']:.0%}")
     for name in chosen:
         med = statistics.median(times[name])
-        print(f"{name:10s} {med:7.1f} new tok/s ({' '.join(f'{t:.1f}' for t in times[name])})  "
-              f"x{med / statistics.median(times['default']):.3f}  identical {same[name]:.0%}")
+        vs_loop = f"  {med / statistics.median(loop):.2f}x the loop" if loop else ""
+        print(f"{name:13s} {med:7.1f} new tok/s ({' '.join(f'{t:.1f}' for t in times[name])})  "
+              f"x{med / statistics.median(times['default']):.3f}  identical {same[name]:.0%}{vs_loop}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -294,28 +294,36 @@ def _useful_flops_per_token(model, examples) -> float:
 
 
 def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -> dict:
-    from oloraplus.evaluation.generation import generate_responses, stop_token_ids, until_eos
+    from oloraplus.evaluation.generation import generate_responses
 
     prompts = [e.input_ids[: e.prompt_len] for e in examples[: cfg.generation_prompts]]
     t = time.perf_counter()
     ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=batch_size, progress=False)
     ours_seconds = time.perf_counter() - t
-    eos = stop_token_ids(model, tokenizer)
-    loop, loop_tokens = [], 0
-    t = time.perf_counter()
-    with torch.no_grad():
-        for p in prompts:
-            out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            tokens = until_eos(out[0, len(p):].tolist(), eos)
-            loop_tokens += len(tokens)
-            loop.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    loop_seconds = time.perf_counter() - t
+    loop, loop_tokens, loop_seconds = one_prompt_at_a_time(model, tokenizer, prompts, cfg.max_new_tokens)
     same = sum(a == b for a, b in zip(ours, loop)) / len(prompts)
     return {"ours_tokens_per_second": ours_tokens / ours_seconds, "loop_tokens_per_second": loop_tokens / loop_seconds,
             "speedup": (ours_tokens / ours_seconds) / (loop_tokens / loop_seconds), "identical_share": same,
             "prompts": len(prompts), "ours_new_tokens": ours_tokens, "loop_new_tokens": loop_tokens}
+
+
+def one_prompt_at_a_time(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], int, float]:
+    """The generation baseline: greedy ``model.generate`` on one prompt at a time.
+    Returns the texts, the new tokens (up to and including EOS) and the seconds taken."""
+    from oloraplus.evaluation.generation import stop_token_ids, until_eos
+
+    eos = stop_token_ids(model, tokenizer)
+    texts, new_tokens = [], 0
+    t = time.perf_counter()
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            tokens = until_eos(out[0, len(p):].tolist(), eos)
+            new_tokens += len(tokens)
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return texts, new_tokens, time.perf_counter() - t
 
 
 def _eval_pass(model, examples, pad_id) -> dict:
