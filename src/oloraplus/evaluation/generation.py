@@ -101,7 +101,11 @@ def preallocated_cache(model, capacity: int) -> DynamicCache:
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A full-attention layer's cache in preallocated [batch, heads, capacity, dim] buffers."""
+    """A full-attention layer's cache in preallocated [batch, heads, capacity, dim] buffers.
+
+    What :func:`greedy_decode` needs of a cache layer (update, rows leaving); cropping and beam search's
+    row repeats are ``DynamicLayer``'s and would leave the buffers behind.
+    """
 
     def __init__(self, capacity: int):
         super().__init__()
