@@ -110,30 +110,35 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
-        self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
         self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self._fill(0)
         self.is_initialized = True
+
+    def _fill(self, length: int) -> None:
+        """``keys`` and ``values``: views of the buffers' first ``length`` positions."""
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
         if end > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions, {end} were asked for")
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self._fill(end)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
+            length = self.keys.shape[-2]
             self._keys, self._values = self._keys[indices], self._values[indices]
-            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+            self._fill(length)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
