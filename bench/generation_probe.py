@@ -21,8 +21,13 @@ from contextlib import contextmanager
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.harness import BenchConfig, one_prompt_at_a_time, split_examples
-from bench.profile_probe import category
+from bench.harness import (
+    BenchConfig,
+    identical_share,
+    one_prompt_at_a_time,
+    split_examples,
+)
+from bench.profile_probe import add_category_seconds
 from oloraplus.evaluation import generation
 from oloraplus.models.loading import load_model
 
@@ -57,8 +62,6 @@ def _dynamic_cache():
     """transformers' own DynamicCache (concatenation per step) in place of the preallocated one."""
     from transformers import DynamicCache
 
-    from oloraplus.evaluation import generation
-
     old = generation.preallocated_cache
     generation.preallocated_cache = lambda model, capacity: DynamicCache(config=model.config)
     try:
@@ -70,8 +73,6 @@ def _dynamic_cache():
 @contextmanager
 def _no_grad():
     """``torch.no_grad`` in place of ``torch.inference_mode`` around the decoding."""
-    from oloraplus.evaluation import generation
-
     old = generation.generate_responses, generation.greedy_decode
     generation.generate_responses = torch.no_grad()(old[0].__wrapped__)
     generation.greedy_decode = torch.no_grad()(old[1].__wrapped__)
@@ -113,10 +114,7 @@ def profiled(model, tok, prompts, cfg) -> tuple[list[str], dict, float]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         texts, n, wall = run(model, tok, prompts, cfg)
     seconds: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            c = category(event.key)
-            seconds[c] = seconds.get(c, 0.0) + event.self_cpu_time_total / 1e6
+    add_category_seconds(prof, seconds)
     seconds["framework (Python, dispatch)"] = max(0.0, wall - sum(seconds.values()))
     print(f"profiled: {n} new tokens in {wall:.2f} s")
     for c, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
@@ -159,12 +157,12 @@ def main() -> None:
         if r < args.loop:
             texts, n, s = one_prompt_at_a_time(model, tok, prompts, cfg.max_new_tokens)
             loop.append(n / s)
-            same["loop"] = sum(a == b for a, b in zip(texts, reference)) / len(prompts)
+            same["loop"] = identical_share(texts, reference)
         for name in (list(chosen) if r % 2 == 0 else list(reversed(chosen))) if r < args.repeats else []:
             with chosen[name]():
                 out, n, s = run(model, tok, prompts, cfg)
             times[name].append(n / s)
-            same[name] = sum(a == b for a, b in zip(out, reference)) / len(prompts)
+            same[name] = identical_share(out, reference)
     result |= {"tokens_per_second": times, "identical_share": same}
     if loop:
         result["loop_tokens_per_second"] = loop

@@ -301,10 +301,15 @@ def _generation(model, tokenizer, examples, cfg: BenchConfig, batch_size: int) -
     ours, ours_tokens = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=batch_size, progress=False)
     ours_seconds = time.perf_counter() - t
     loop, loop_tokens, loop_seconds = one_prompt_at_a_time(model, tokenizer, prompts, cfg.max_new_tokens)
-    same = sum(a == b for a, b in zip(ours, loop)) / len(prompts)
+    same = identical_share(ours, loop)
     return {"ours_tokens_per_second": ours_tokens / ours_seconds, "loop_tokens_per_second": loop_tokens / loop_seconds,
             "speedup": (ours_tokens / ours_seconds) / (loop_tokens / loop_seconds), "identical_share": same,
             "prompts": len(prompts), "ours_new_tokens": ours_tokens, "loop_new_tokens": loop_tokens}
+
+
+def identical_share(texts: list[str], reference: list[str]) -> float:
+    """The share of ``texts`` equal to ``reference``, position by position."""
+    return sum(a == b for a, b in zip(texts, reference)) / len(reference)
 
 
 def one_prompt_at_a_time(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], int, float]:

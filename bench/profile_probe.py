@@ -42,6 +42,14 @@ def category(name: str) -> str:
     return "element-wise, reductions, other kernels"
 
 
+def add_category_seconds(prof, totals: dict[str, float]) -> None:
+    """Adds a profile's aten operators' self CPU seconds to ``totals``, by :func:`category`."""
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            cat = category(event.key)
+            totals[cat] = totals.get(cat, 0.0) + event.self_cpu_time_total / 1e6
+
+
 def profile_steps(model, batches, optimizer) -> dict:
     """Forward + backward under the profiler (operators' self CPU time by category, the rest of
     its wall time as framework), the optimiser step timed outside it."""
@@ -61,10 +69,7 @@ def profile_steps(model, batches, optimizer) -> dict:
         seconds = time.perf_counter() - t
         wall += seconds
         totals["optimizer step"] += seconds
-        for event in prof.key_averages():
-            if event.key.startswith("aten::"):
-                cat = category(event.key)
-                totals[cat] = totals.get(cat, 0.0) + event.self_cpu_time_total / 1e6
+        add_category_seconds(prof, totals)
     totals["framework (Python, autograd, dispatch)"] = max(0.0, wall - sum(totals.values()))
     return {"wall_seconds": wall, "seconds": totals}
 
