@@ -10,6 +10,8 @@
 #     sleep 60
 #   done
 # The process that finishes the last run writes MAIN/runs/tuned/MODEL/report.md (also: oloraplus report DIR --tuned).
+# LR_RANGE and RATIO_RANGE are the studies' searched ranges (default SmolLM2's; Gemma 3 270M: RATIO_RANGE="1/640 64",
+# PLAN.md, session 26).
 # A killed copy leaves its run unfinished (no results.json); the next copy reruns it from the start.
 set -u
 WT=$1; MODEL=$2; SEEDS=$3
@@ -19,6 +21,6 @@ cd "$WT" || exit 1
 export PYTHONPATH="$WT/src" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$MAIN/.venv/bin/python" -m oloraplus tune --model "$MODEL" --data "$MAIN/../shared/data/alpaca/alpaca_data.json" \
-    --n-train 1000 --n-val 100 --eval-steps 28 --data-seed 42 --lr-range ${LR_RANGE:-1e-6 1e-1} --ratio-range 1/64 64 \
+    --n-train 1000 --n-val 100 --eval-steps 28 --data-seed 42 --lr-range ${LR_RANGE:-1e-6 1e-1} --ratio-range ${RATIO_RANGE:-1/64 64} \
     --methods lora lora-plus olora olora-plus pissa pissa-plus --trials 0 --final-seeds "$SEEDS" \
     --storage "sqlite:///$DB" --output "$MAIN/runs/tuned/$MODEL"

@@ -4,7 +4,8 @@
 #   - the study database DB (default /work/study-db/MODEL.db), copied with SQLite's online backup (a consistent
 #     copy while workers write) to results/tuned/MODEL/optuna.db, when it has a trial more than the copy;
 #   - the finished final runs' numbers (collect_final.sh's copy step: results.json, eval_losses.json,
-#     runs.jsonl, the rescores' runs.jsonl; no Alpaca text, no adapters).
+#     runs.jsonl, the rescores' runs.jsonl; no Alpaca text, no adapters), after their teacher-forced rescore
+#     (collect_final.sh's rescore step, as each run finishes; RESCORE=0 leaves it out).
 #   setsid results/tuned/save_progress.sh gemma3-270m > /tmp/save.log 2>&1 &
 # Why: runs/ and the database are outside git, and a machine that is shut down mid-session takes them along
 # (session 21 lost seed 4's six finished runs and every final adapter that way); a commit on main survives.
@@ -50,7 +51,9 @@ changed_runs() {
 save() {
   local paths=()
   if changed_db; then backup_db && paths+=("$OUT/optuna.db"); fi
-  if changed_runs && "$(dirname "$0")/collect_final.sh" "$MODEL" copy >/dev/null; then
+  # a newly finished final run is scored teacher-forced at once (its adapter lives in runs/ only), then copied
+  if changed_runs && { [ "${RESCORE:-1}" = 0 ] || "$(dirname "$0")/collect_final.sh" "$MODEL" rescore >/dev/null 2>&1 || true; } \
+     && "$(dirname "$0")/collect_final.sh" "$MODEL" copy >/dev/null; then
     paths+=("$OUT/final")
     [ -d "$OUT/final-teacher-forced" ] && paths+=("$OUT/final-teacher-forced")
   fi
